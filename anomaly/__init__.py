@@ -1,0 +1,1 @@
+"""Online anomaly detection and alarm management (see docs/architecture.md: anomaly)."""

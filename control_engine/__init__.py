@@ -1,0 +1,1 @@
+"""Carbon ledger, forecast, rules and the dispatcher (see docs/architecture.md: control)."""

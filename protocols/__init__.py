@@ -1,0 +1,1 @@
+"""Device drivers: translate each wire protocol to and from readings and commands."""

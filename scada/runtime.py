@@ -1,0 +1,184 @@
+"""Kernel runtime helpers with no I/O: clocks, backoff and task supervision.
+
+Feature packages may import this module (and :mod:`scada.model`) and nothing else of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+__all__ = ["Backoff", "FakeClock", "SystemClock", "TaskSupervisor"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class SystemClock:
+    """The real clock: UTC wall time, ``time.monotonic`` and ``asyncio.sleep``."""
+
+    def now(self) -> datetime:
+        """Return the current UTC time."""
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        """Return monotonic seconds."""
+        return time.monotonic()
+
+    async def sleep(self, delay_s: float) -> None:
+        """Sleep on the event loop."""
+        await asyncio.sleep(delay_s)
+
+
+class FakeClock:
+    """A clock that moves only when told to, for deterministic tests of timing logic.
+
+    Sleepers wake in deadline order as :meth:`advance` moves time forward; between wake-ups the
+    event loop runs so woken tasks can act (and go back to sleep) before time moves on.
+
+    >>> async def demo() -> list[float]:
+    ...     clock = FakeClock()
+    ...     woke: list[float] = []
+    ...     async def sleeper(d: float) -> None:
+    ...         await clock.sleep(d)
+    ...         woke.append(clock.monotonic())
+    ...     tasks = [asyncio.create_task(sleeper(d)) for d in (5.0, 1.0)]
+    ...     await asyncio.sleep(0)
+    ...     await clock.advance(10.0)
+    ...     await asyncio.gather(*tasks)
+    ...     return woke
+    >>> asyncio.run(demo())
+    [1.0, 5.0]
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._start_wall = start or datetime(2026, 1, 5, tzinfo=UTC)
+        self._now_s = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> datetime:
+        """Return the fake wall time."""
+        return self._start_wall + timedelta(seconds=self._now_s)
+
+    def monotonic(self) -> float:
+        """Return fake monotonic seconds since the clock was made."""
+        return self._now_s
+
+    async def sleep(self, delay_s: float) -> None:
+        """Wait until :meth:`advance` has moved time ``delay_s`` seconds forward."""
+        if delay_s <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now_s + delay_s, next(self._seq), future))
+        await future
+
+    async def advance(self, seconds: float, *, settle_rounds: int = 20) -> None:
+        """Move time forward by ``seconds``, waking sleepers in order and letting them run."""
+        target = self._now_s + seconds
+        await self._settle(settle_rounds)
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, future = heapq.heappop(self._sleepers)
+            self._now_s = max(self._now_s, deadline)
+            if not future.done():
+                future.set_result(None)
+            await self._settle(settle_rounds)
+        self._now_s = target
+        await self._settle(settle_rounds)
+
+    @staticmethod
+    async def _settle(rounds: int) -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(0)
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
+    and Jitter"): spreads reconnect storms when many devices drop at once.
+
+    The n-th delay is uniform in ``[initial_s * m**n * (1 - jitter), initial_s * m**n]``, capped
+    at ``max_s``.
+
+    >>> b = Backoff(initial_s=1.0, max_s=8.0, multiplier=2.0, jitter=0.0)
+    >>> [b.next_delay() for _ in range(5)]
+    [1.0, 2.0, 4.0, 8.0, 8.0]
+    >>> b.reset(); b.next_delay()
+    1.0
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    rng: random.Random = field(default_factory=random.Random)
+    _attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError("backoff: need 0 < initial_s <= max_s")
+        if self.multiplier < 1:
+            raise ValueError("backoff: multiplier must be >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("backoff: jitter must be within [0, 1]")
+
+    def next_delay(self) -> float:
+        """Return the delay before the next attempt and count this attempt."""
+        ceiling_s = min(self.max_s, self.initial_s * self.multiplier ** min(self._attempt, 64))
+        self._attempt += 1
+        return ceiling_s * (1.0 - self.jitter * self.rng.random())
+
+    def reset(self) -> None:
+        """Start again from the initial delay (after a success)."""
+        self._attempt = 0
+
+
+class TaskSupervisor:
+    """Own a set of long-running tasks: keep references, log crashes, cancel all on close.
+
+    A task that ends with an exception is logged once with its name; the others keep running.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.failures: list[tuple[str, BaseException]] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Start ``coro`` as a task owned by this supervisor."""
+        task = asyncio.create_task(coro, name=f"{self._name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._on_done)
+        return task
+
+    def _on_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            self.failures.append((task.get_name(), err))
+            _LOGGER.error("task %s crashed", task.get_name(), exc_info=err)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel every task and wait for them to finish (at most ``timeout_s``)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()

@@ -1,0 +1,74 @@
+"""Process settings from the environment (service URLs, HTTP address, data directory).
+
+The site file says *what* the plant is; these settings say *where* this process finds its services.
+Every variable is optional: with none set, the server uses the services on their default localhost
+ports, or starts embedded ones (see :mod:`scada.services`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scada.model import ConfigError
+
+__all__ = ["EMBEDDED", "ENV_PREFIX", "Settings"]
+
+ENV_PREFIX = "SCADA_"
+EMBEDDED = "embedded"
+"""Give this as a service URL to force the embedded service even when a local one is running."""
+
+
+class Settings(BaseModel):
+    """Validated process settings; build with :meth:`from_env`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    db_url: str | None = None
+    """``SCADA_DB_URL``: postgresql:// URL, ``embedded``, or unset (local service, else embedded)."""
+    redis_url: str | None = None
+    """``SCADA_REDIS_URL``: redis:// or unix:// URL, ``embedded``, or unset."""
+    mqtt_url: str | None = None
+    """``SCADA_MQTT_URL``: mqtt://host:port URL, ``embedded``, or unset."""
+    data_dir: Path = Path(".scada-data")
+    """``SCADA_DATA_DIR``: where embedded services keep their files."""
+    http_host: str = "127.0.0.1"
+    """``SCADA_HTTP_HOST``: address the REST API binds to."""
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    """``SCADA_HTTP_PORT``: port of the REST API (0 picks a free one)."""
+    stream_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "scada:"
+    """``SCADA_STREAM_PREFIX``: prefix of every Redis key, so several sites can share one Redis."""
+    readings_maxlen: Annotated[int, Field(ge=1_000)] = 2_000_000
+    """``SCADA_READINGS_MAXLEN``: approximate cap of the readings stream, in entries."""
+    service_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """``SCADA_SERVICE_TIMEOUT_S``: timeout of each call to PostgreSQL and Redis."""
+    log_level: str = "INFO"
+    """``SCADA_LOG_LEVEL``: DEBUG, INFO, WARNING or ERROR."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``SCADA_*`` variables; raise :class:`ConfigError` naming the bad variable.
+
+        >>> Settings.from_env({"SCADA_HTTP_PORT": "9000"}).http_port
+        9000
+        >>> Settings.from_env({"SCADA_HTTP_PORT": "x"})
+        Traceback (most recent call last):
+        ...
+        scada.model.ConfigError: SCADA_HTTP_PORT: Input should be a valid integer, unable to parse string as an integer
+        """
+        env = os.environ if environ is None else environ
+        raw = {
+            name: env[ENV_PREFIX + name.upper()]
+            for name in cls.model_fields
+            if env.get(ENV_PREFIX + name.upper(), "") != ""
+        }
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            var = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else "environment"
+            raise ConfigError(f"{var}: {first['msg']}") from None

@@ -1,0 +1,1 @@
+"""Device simulators with physics that stand in for plant hardware over real sockets."""
