@@ -44,6 +44,7 @@ __all__ = [
     "DecodeError",
     "DeviceError",
     "DeviceId",
+    "DeviceKind",
     "DeviceProtocolError",
     "DeviceUnavailable",
     "Driver",
@@ -168,6 +169,22 @@ class Carrier(enum.StrEnum):
     COKE = "coke"
     HEAT = "heat"                        # purchased heat or steam
     NONE = "none"                        # not an energy measurement (temperature, status...)
+
+
+class DeviceKind(enum.StrEnum):
+    """What a device is; simulators pick their physics by it and the cockpit its icon."""
+
+    POWER_METER = "power_meter"
+    PV_INVERTER = "pv_inverter"
+    BATTERY = "battery"
+    CHILLER = "chiller"
+    LIGHTING = "lighting"
+    AIR_COMPRESSOR = "air_compressor"
+    GAS_METER = "gas_meter"
+    BOILER = "boiler"
+    HEAT_METER = "heat_meter"
+    PRODUCTION_LINE = "production_line"
+    WEATHER_STATION = "weather_station"
 
 
 class NodeLevel(enum.StrEnum):

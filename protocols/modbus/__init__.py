@@ -1,0 +1,1 @@
+"""Modbus TCP: register-map configuration, codec and driver."""

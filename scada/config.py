@@ -1,0 +1,346 @@
+"""The site file: hierarchy, devices and points, validated once at load.
+
+A site file is YAML (see ``examples/plant.yaml`` and docs/configuration.md). :func:`load_site` turns
+it into a frozen :class:`SiteConfig` or raises :class:`~scada.model.ConfigError` naming the file and
+the path of the first bad field, e.g. ``plant.yaml: devices[3].points[1].modbus.type: ...``.
+
+Device templates keep a site with dozens of identical meters short: a device names a template and
+inherits its points (and may add its own). After loading, every device carries its full point list;
+``SiteConfig.model_dump(mode="json")`` is the *normalized site document* that the simulators read.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zoneinfo
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
+from scada.model import (
+    ID_PATTERN,
+    Carrier,
+    ConfigError,
+    DeviceId,
+    DeviceKind,
+    NodeId,
+    NodeLevel,
+    PointId,
+    PointKind,
+    Unit,
+    make_point_id,
+)
+
+__all__ = [
+    "DeviceConfig",
+    "DeviceTemplate",
+    "NodeConfig",
+    "PointConfig",
+    "Protocol",
+    "SimulationConfig",
+    "SiteConfig",
+    "SiteInfo",
+    "load_site",
+    "parse_site",
+]
+
+Id = Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]
+
+_UNITS_BY_KIND: Mapping[PointKind, frozenset[Unit]] = {
+    PointKind.POWER: frozenset({Unit.KW, Unit.KVAR, Unit.KVA}),
+    PointKind.ENERGY_COUNTER: frozenset({Unit.KWH, Unit.GJ}),
+    PointKind.GAS_FLOW: frozenset({Unit.NM3_PER_H}),
+    PointKind.GAS_COUNTER: frozenset({Unit.NM3}),
+    PointKind.FUEL_COUNTER: frozenset({Unit.T}),
+    PointKind.HEAT_FLOW: frozenset({Unit.GJ_PER_H, Unit.T_PER_H}),
+    PointKind.TEMPERATURE: frozenset({Unit.DEG_C}),
+    PointKind.VOLTAGE: frozenset({Unit.V}),
+    PointKind.CURRENT: frozenset({Unit.A}),
+    PointKind.FREQUENCY: frozenset({Unit.HZ}),
+    PointKind.POWER_FACTOR: frozenset({Unit.DIMENSIONLESS}),
+    PointKind.STATE_OF_CHARGE: frozenset({Unit.PERCENT}),
+    PointKind.IRRADIANCE: frozenset({Unit.W_PER_M2}),
+    PointKind.PRESSURE: frozenset({Unit.BAR}),
+    PointKind.SETPOINT: frozenset(Unit),
+    PointKind.STATUS: frozenset({Unit.DIMENSIONLESS}),
+}
+"""Units each point kind may be measured in: a kWh counter configured as kW is a typo, not a choice."""
+
+_KINDS_NEEDING_CARRIER = frozenset({
+    PointKind.ENERGY_COUNTER, PointKind.GAS_FLOW, PointKind.GAS_COUNTER, PointKind.FUEL_COUNTER,
+    PointKind.HEAT_FLOW,
+})
+
+
+class Protocol(enum.StrEnum):
+    """Southbound protocols a device can speak."""
+
+    MODBUS_TCP = "modbus_tcp"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SiteInfo(_Frozen):
+    """The site as a whole."""
+
+    id: Id
+    name: Annotated[str, Field(min_length=1)]
+    timezone: str = "Asia/Shanghai"
+    """IANA zone the cockpit shows times in and that quota months follow."""
+
+    @model_validator(mode="after")
+    def _check_timezone(self) -> Self:
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+        return self
+
+
+class NodeConfig(_Frozen):
+    """One node of the hierarchy and its children, one level deeper each."""
+
+    id: Id
+    name: Annotated[str, Field(min_length=1)]
+    level: NodeLevel
+    children: tuple[NodeConfig, ...] = ()
+
+
+class PointConfig(_Frozen):
+    """One measured or writable value of a device."""
+
+    key: Id
+    name: str = ""
+    """Display name; the key when empty."""
+    kind: PointKind
+    unit: Unit
+    carrier: Carrier = Carrier.NONE
+    scale: float = 1.0
+    """Engineering value = raw value x scale + offset."""
+    offset: float = 0.0
+    writable: bool = False
+    modbus: ModbusPointConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_point(self) -> Self:
+        if self.unit not in _UNITS_BY_KIND[self.kind]:
+            allowed = ", ".join(sorted(u.value for u in _UNITS_BY_KIND[self.kind]))
+            raise ValueError(f"unit {self.unit.value!r} does not fit kind {self.kind.value!r} (use {allowed})")
+        if self.kind in _KINDS_NEEDING_CARRIER and self.carrier is Carrier.NONE:
+            raise ValueError(f"a {self.kind.value} point needs a carrier (electricity, natural_gas, heat...)")
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+        if self.writable and self.modbus is not None and not self.modbus.table.is_writable:
+            raise ValueError(f"writable point in the read-only table {self.modbus.table.value!r}")
+        return self
+
+
+class DeviceTemplate(_Frozen):
+    """Points shared by every device of one model (a meter type, an inverter type)."""
+
+    points: tuple[PointConfig, ...]
+
+
+class SimulationConfig(_Frozen):
+    """Physics parameters for the device's simulator; ignored by the server."""
+
+    profile: str = "flat"
+    """Load shape: flat, office, production_2shift, production_3shift, hvac, lighting, pv, gas_boiler."""
+    base_kw: Annotated[float, Field(ge=0)] = 0.0
+    peak_kw: Annotated[float, Field(ge=0)] = 0.0
+    base_nm3_h: Annotated[float, Field(ge=0)] = 0.0
+    peak_nm3_h: Annotated[float, Field(ge=0)] = 0.0
+    capacity_kwh: Annotated[float, Field(ge=0)] = 0.0
+    noise_pct: Annotated[float, Field(ge=0, le=50)] = 2.0
+    seed: int | None = None
+
+
+class DeviceConfig(_Frozen):
+    """One device: where it hangs in the hierarchy, how to reach it, what it measures."""
+
+    id: Id
+    name: str = ""
+    node: Id
+    kind: DeviceKind
+    protocol: Protocol
+    enabled: bool = True
+    poll_period_s: Annotated[float, Field(ge=0.05, le=3600)] = 1.0
+    modbus: ModbusDeviceConfig | None = None
+    template: Id | None = None
+    points: tuple[PointConfig, ...] = ()
+    simulation: SimulationConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_protocol_section(self) -> Self:
+        if self.protocol is Protocol.MODBUS_TCP and self.modbus is None:
+            raise ValueError("protocol modbus_tcp needs a 'modbus' section (host, port, unit_id)")
+        return self
+
+    def point_id(self, key: str) -> PointId:
+        """Return the point id of one of this device's points."""
+        return make_point_id(self.id, key)
+
+
+class SiteConfig(_Frozen):
+    """A validated site: hierarchy, templates, devices (with their templates expanded)."""
+
+    site: SiteInfo
+    hierarchy: Annotated[tuple[NodeConfig, ...], Field(min_length=1)]
+    templates: Mapping[Id, DeviceTemplate] = Field(default_factory=dict)
+    devices: tuple[DeviceConfig, ...] = ()
+
+    def iter_nodes(self) -> Iterator[tuple[NodeConfig, NodeId | None]]:
+        """Yield every node with its parent id, parents before children."""
+        stack: list[tuple[NodeConfig, NodeId | None]] = [(n, None) for n in reversed(self.hierarchy)]
+        while stack:
+            node, parent = stack.pop()
+            yield node, parent
+            stack.extend((child, NodeId(node.id)) for child in reversed(node.children))
+
+    def device(self, device_id: str) -> DeviceConfig:
+        """Return a device by id; raise KeyError if there is none."""
+        for device in self.devices:
+            if device.id == device_id:
+                return device
+        raise KeyError(device_id)
+
+    @property
+    def device_ids(self) -> list[DeviceId]:
+        """Return the ids of every device, in file order."""
+        return [DeviceId(d.id) for d in self.devices]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read and validate a site file; raise :class:`ConfigError` naming the file and the bad field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read site file: {err.strerror}") from err
+    return parse_site(text, source=str(path))
+
+
+def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
+    """Validate a site document given as YAML text.
+
+    >>> parse_site("site: {id: s, name: S}\\nhierarchy: []")
+    Traceback (most recent call last):
+    ...
+    scada.model.ConfigError: <site>: hierarchy: List should have at least 1 item after validation, not 0
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'site', 'hierarchy' and 'devices'")
+    try:
+        site = SiteConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{source}: {_describe(first['loc'], raw)}: {_clean(first['msg'])}") from None
+    try:
+        return _expand_and_check(site)
+    except _FieldError as err:
+        raise ConfigError(f"{source}: {err.path}: {err.message}") from None
+
+
+class _FieldError(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = path, message
+
+
+def _expand_and_check(site: SiteConfig) -> SiteConfig:
+    """Expand templates and run the checks that span several fields."""
+    nodes: dict[str, NodeConfig] = {}
+    for root_index, root in enumerate(site.hierarchy):
+        if root.level is not NodeLevel.GROUP:
+            raise _FieldError(f"hierarchy[{root_index}].level", "a top-level node must be a group")
+    for node, _parent in site.iter_nodes():
+        if node.id in nodes:
+            raise _FieldError(f"hierarchy: node {node.id!r}", "duplicate node id")
+        nodes[node.id] = node
+        for child in node.children:
+            if child.level.depth != node.level.depth + 1:
+                raise _FieldError(
+                    f"hierarchy: node {child.id!r}",
+                    f"a {child.level.value} cannot sit under the {node.level.value} {node.id!r}",
+                )
+
+    devices: list[DeviceConfig] = []
+    seen_devices: set[str] = set()
+    for index, device in enumerate(site.devices):
+        where = f"devices[{index}]"
+        if device.id in seen_devices:
+            raise _FieldError(f"{where}.id", f"duplicate device id {device.id!r}")
+        seen_devices.add(device.id)
+        if device.node not in nodes:
+            raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
+        points = list(device.points)
+        if device.template is not None:
+            template = site.templates.get(device.template)
+            if template is None:
+                raise _FieldError(f"{where}.template", f"unknown template {device.template!r}")
+            points = [*template.points, *points]
+        if not points:
+            raise _FieldError(f"{where}.points", "a device needs at least one point (or a template)")
+        keys: set[str] = set()
+        for p_index, point in enumerate(points):
+            if point.key in keys:
+                raise _FieldError(f"{where}.points", f"duplicate point key {point.key!r}")
+            keys.add(point.key)
+            if device.protocol is Protocol.MODBUS_TCP and point.modbus is None:
+                raise _FieldError(f"{where}.points[{p_index}] ({point.key})",
+                                  "a point of a modbus_tcp device needs a 'modbus' section")
+        _check_register_overlaps(where, points)
+        devices.append(device.model_copy(update={"points": tuple(points), "template": None}))
+    return site.model_copy(update={"devices": tuple(devices)})
+
+
+def _check_register_overlaps(where: str, points: list[PointConfig]) -> None:
+    spans = sorted(
+        (p.modbus.table.value, p.modbus.address, p.modbus.end, p.key) for p in points if p.modbus is not None
+    )
+    for (table_a, _, end_a, key_a), (table_b, start_b, _, key_b) in zip(spans, spans[1:], strict=False):
+        if table_a == table_b and start_b < end_a:
+            raise _FieldError(f"{where}.points", f"registers of {key_a!r} and {key_b!r} overlap in {table_a}")
+
+
+_FIELD_RE = re.compile(r"^(function-after|function-before|function-wrap)\[.*\]$")
+
+
+def _describe(loc: tuple[int | str, ...], raw: Any) -> str:
+    """Render a pydantic error location as ``devices[3] (a1-meter).points[1].modbus.type``."""
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, str) and _FIELD_RE.match(item):
+            continue  # validator wrapper names in pydantic locations carry no information for users
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("id") or node.get("key"), str):
+                parts.append(f" ({node.get('id') or node.get('key')})")
+        else:
+            parts.append(f".{item}" if parts else str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "document"
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
