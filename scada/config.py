@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
 from scada.model import (
@@ -95,13 +95,14 @@ class SiteInfo(_Frozen):
     timezone: str = "Asia/Shanghai"
     """IANA zone the cockpit shows times in and that quota months follow."""
 
-    @model_validator(mode="after")
-    def _check_timezone(self) -> Self:
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
         try:
-            zoneinfo.ZoneInfo(self.timezone)
+            zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {self.timezone!r}") from None
-        return self
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class NodeConfig(_Frozen):
@@ -343,4 +344,5 @@ def _describe(loc: tuple[int | str, ...], raw: Any) -> str:
 
 
 def _clean(message: str) -> str:
-    return message.removeprefix("Value error, ")
+    # Users write YAML lists; pydantic speaks of the tuples we freeze them into.
+    return message.removeprefix("Value error, ").replace("Tuple should", "List should")

@@ -1,0 +1,122 @@
+"""Site file validation: good files load, every kind of bad file names its bad field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from scada.config import load_site, parse_site
+from scada.model import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plant.yaml"
+
+BASE = """
+site: {id: s1, name: Site one, timezone: Asia/Shanghai}
+hierarchy:
+  - id: g
+    name: Group
+    level: group
+    children:
+      - id: p
+        name: Park
+        level: park
+        children:
+          - id: e
+            name: Enterprise
+            level: enterprise
+            children: [{id: w, name: Workshop, level: workshop}]
+templates:
+  meter:
+    points:
+      - {key: active_power_kw, kind: power, unit: kW, carrier: electricity, modbus: {address: 0, type: float32}}
+      - {key: energy_import_kwh, kind: energy_counter, unit: kWh, carrier: electricity, scale: 0.1,
+         modbus: {address: 2, type: uint32}}
+devices:
+  - id: m1
+    node: w
+    kind: power_meter
+    protocol: modbus_tcp
+    template: meter
+    modbus: {host: 127.0.0.1, port: 15020, unit_id: 3}
+"""
+
+
+def test_example_plant_is_valid_and_realistic() -> None:
+    site = load_site(EXAMPLE)
+    levels = [node.level.value for node, _ in site.iter_nodes()]
+    assert levels.count("group") == 1
+    assert levels.count("park") == 1
+    assert levels.count("enterprise") == 2
+    assert levels.count("workshop") >= 3
+    assert 24 <= len(site.devices) <= 60
+    assert all(d.points for d in site.devices), "templates are expanded at load"
+
+
+def test_template_points_are_expanded_and_extra_points_appended() -> None:
+    text = BASE + "    points: [{key: temperature_degc, kind: temperature, unit: degC, modbus: {address: 10, type: int16}}]\n"
+    device = parse_site(text).devices[0]
+    assert [p.key for p in device.points] == ["active_power_kw", "energy_import_kwh", "temperature_degc"]
+    assert device.template is None
+    assert device.point_id("active_power_kw") == "m1.active_power_kw"
+
+
+def test_normalized_document_round_trips() -> None:
+    site = parse_site(BASE)
+    again = parse_site(__import__("json").dumps(site.model_dump(mode="json")))
+    assert again == site
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("unit_id: 3", "unit_id: 300"), "devices[0] (m1).modbus.unit_id: Input should be less than or equal to 255"),
+        (("kind: power_meter", "kind: toaster"), "devices[0] (m1).kind: Input should be"),
+        (("node: w", "node: nowhere"), "devices[0].node: unknown node 'nowhere'"),
+        (("template: meter", "template: nope"), "devices[0].template: unknown template 'nope'"),
+        (("timezone: Asia/Shanghai", "timezone: Mars/Olympus"), "site.timezone"),
+        (("unit: kW,", "unit: kWh,"), "templates.meter.points[0] (active_power_kw): unit 'kWh' does not fit kind 'power'"),
+        (("type: float32}", "type: bool}"), "templates.meter.points[0] (active_power_kw).modbus: Value error"),
+        (("id: m1", "id: M1!"), "devices[0] (M1!).id: String should match pattern"),
+        (("level: park", "level: enterprise"), "a enterprise cannot sit under the group 'g'"),
+        (("address: 2, type: uint32", "address: 1, type: uint32"), "registers of 'active_power_kw' and 'energy_import_kwh' overlap"),
+        (("carrier: electricity, scale", "scale"), "needs a carrier"),
+        (("    protocol: modbus_tcp\n", "    protocol: modbus_tcp\n    colour: blue\n"), "devices[0] (m1).colour: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_field_is_named(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in BASE
+    with pytest.raises(ConfigError) as info:
+        parse_site(BASE.replace(old, new, 1), source="site.yaml")
+    message = str(info.value)
+    assert message.startswith("site.yaml: ")
+    assert expected.replace("Value error", "") in message.replace("Value error, ", "")
+
+
+def test_duplicate_ids_are_rejected() -> None:
+    device = BASE[BASE.index("  - id: m1"):]
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.id: duplicate device id 'm1'"):
+        parse_site(BASE + device)
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(textwrap.dedent("""\
+        site: {id: s, name: S}
+        hierarchy: [
+          {id: g, name: G, level: group
+        """))
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+:\d+: not valid YAML"):
+        load_site(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read site file"):
+        load_site(tmp_path / "absent.yaml")
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_site("- just\n- a list\n")
