@@ -1,0 +1,650 @@
+"""The Redis Streams bus: a never-blocking readings sink and the at-least-once consumer loop.
+
+Producer side
+-------------
+:class:`RedisReadingSink` is what device sessions publish to. ``publish`` only encodes and appends
+to a bounded local buffer; one flusher task moves the buffer to Redis in pipelined XADDs of up to
+``entry_readings`` readings per entry, trimming the stream with ``MAXLEN ~``. When Redis is down the
+buffer is kept and retried with backoff; when the buffer is full the *oldest* readings are shed and
+counted in :attr:`RedisReadingSink.shed_total` (fresh data matters more to a control room).
+
+Consumer side
+-------------
+:func:`run_consumer` runs one stage's handler over a consumer group::
+
+    XAUTOCLAIM (stale entries of dead consumers)  ->  XREADGROUP "0" (own pending) / ">" (new)
+      -> decode  -> poison entries: XADD dead-letter + XACK (atomically)
+      -> handler(readings)  -> XACK only after the handler returned
+
+A handler that raises leaves its entries pending; they are re-read with id ``"0"`` after a backoff,
+so nothing is lost (at-least-once) and every handler must be idempotent. A handler that can apply
+all but some readings raises :class:`RejectedReadings` once the rest is committed: those readings
+go to the dead-letter stream and the batch is acked.
+
+Dead-letter entry fields
+------------------------
+``reason``, ``origin`` (stream key), ``entry_id`` (comma-separated ids), ``group``, ``consumer``,
+and the original fields prefixed ``raw.`` (``raw.v``, ``raw.r``), so an operator can replay them
+byte for byte with XADD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypedDict
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+from redis.typing import EncodableT, FieldT
+
+from scada.model import AvailabilityEvent, Clock, DecodeError, Reading, StreamName
+from scada.runtime import Backoff, SystemClock
+from streams.codec import decode_readings, encode_event, encode_readings, encode_row, fields_from_rows
+
+__all__ = [
+    "DeadLetterEntry",
+    "RedisReadingSink",
+    "RejectedReadings",
+    "read_deadletter",
+    "run_consumer",
+    "stream_key",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+_REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
+"""What a Redis outage looks like: refused/reset sockets, timeouts, and server errors."""
+_RAW_PREFIX: Final = b"raw."
+_MAX_AUTOCLAIM_ROUNDS: Final = 10
+_MAX_LOGGED_REJECTS: Final = 1_024
+
+
+def stream_key(prefix: str, stream: StreamName) -> str:
+    """Return the Redis key of a stream under a site's key prefix.
+
+    >>> stream_key("scada:", StreamName.READINGS)
+    'scada:readings'
+    """
+    return f"{prefix}{stream.value}"
+
+
+class RejectedReadings(DecodeError):
+    """A handler committed its batch except these readings, which it can never apply.
+
+    Raise it only after the rest of the batch is committed: the consumer moves ``readings`` to the
+    dead-letter stream with ``reason`` and acknowledges the whole batch.
+    """
+
+    def __init__(self, reason: str, readings: Sequence[Reading]) -> None:
+        super().__init__(f"{reason} ({len(readings)} readings)")
+        self.reason = reason
+        self.readings = tuple(readings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Producer
+
+
+class RedisReadingSink:
+    """Publish readings and availability events to Redis without ever blocking the caller.
+
+    Implements :class:`scada.model.ReadingSink` and :class:`scada.model.EventSink`. Call
+    :meth:`start` before publishing and :meth:`close` at shutdown; until started, readings only
+    accumulate in the bounded buffer.
+
+    Attributes
+    ----------
+    shed_total
+        Readings dropped because the buffer was full (oldest first).
+    events_shed_total
+        Availability events dropped because their buffer was full.
+    rejected_total
+        Readings refused at publish because they cannot be encoded (malformed id, absurd time).
+    sent_total
+        Readings written to Redis.
+    available
+        Whether the last flush reached Redis (None before the first attempt).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        readings_key: str,
+        events_key: str,
+        maxlen: int,
+        max_buffered: int = 100_000,
+        entry_readings: int = 500,
+        entries_per_flush: int = 20,
+        events_maxlen: int = 100_000,
+        max_buffered_events: int = 1_000,
+        timeout_s: float = 5.0,
+        linger_s: float = 0.01,
+        backoff: Backoff | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if min(maxlen, max_buffered, entry_readings, entries_per_flush, max_buffered_events) < 1:
+            raise ValueError("redis sink: sizes must be >= 1")
+        self._redis = redis
+        self._readings_key, self._events_key = readings_key, events_key
+        self._maxlen, self._events_maxlen = maxlen, events_maxlen
+        self._entry_readings, self._entries_per_flush = entry_readings, entries_per_flush
+        self._timeout_s, self._linger_s = timeout_s, linger_s
+        self._backoff = backoff or Backoff()
+        self._clock: Clock = clock or SystemClock()
+        self._rows: deque[str] = deque(maxlen=max_buffered)  # encoded rows, oldest on the left
+        self._events: deque[dict[bytes, bytes]] = deque(maxlen=max_buffered_events)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._shedding = False
+        self._logged_rejects: set[str] = set()
+        self.shed_total = 0
+        self.events_shed_total = 0
+        self.rejected_total = 0
+        self.sent_total = 0
+        self.available: bool | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Return how many readings wait for Redis."""
+        return len(self._rows)
+
+    async def publish(self, readings: Sequence[Reading]) -> None:
+        """Buffer a batch for the flusher; never waits for Redis."""
+        rows: list[str] = []
+        for reading in readings:
+            try:
+                rows.append(encode_row(reading))
+            except ValueError as err:
+                self._reject(reading, err)
+        if not rows:
+            return
+        capacity = self._rows.maxlen or 0
+        overflow = len(self._rows) + len(rows) - capacity
+        if overflow > 0:
+            self._count_shed(overflow)
+        self._rows.extend(rows)  # a bounded deque drops from the left: the oldest go first
+        self._wake.set()
+
+    async def publish_event(self, event: AvailabilityEvent) -> None:
+        """Buffer an availability change for the flusher; never waits for Redis."""
+        try:
+            fields = encode_event(event)
+        except ValueError as err:
+            self.rejected_total += 1
+            _LOGGER.warning("dropping availability event of %r: %s", event.device, err)
+            return
+        if len(self._events) == self._events.maxlen:
+            self.events_shed_total += 1
+        self._events.append(fields)
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start the flusher task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._closing = False
+            self._task = asyncio.create_task(self._run(), name="redis-sink-flusher")
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Flush what Redis accepts within ``timeout_s`` (default: the call timeout), then stop."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            done, _ = await asyncio.wait([task], timeout=self._timeout_s if timeout_s is None else timeout_s)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if not done and (self._rows or self._events):
+            _LOGGER.warning(
+                "redis sink closed with %d readings and %d events undelivered",
+                len(self._rows),
+                len(self._events),
+            )
+
+    async def _run(self) -> None:
+        while True:
+            if not self._rows and not self._events:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                if self._linger_s > 0 and not self._closing:
+                    await self._clock.sleep(self._linger_s)  # let a few sessions' batches share entries
+                continue
+            try:
+                await self._flush_once()
+            except _REDIS_ERRORS as err:
+                self._set_available(False, err)
+                await self._clock.sleep(self._backoff.next_delay())
+            except Exception:  # a bug must not silently stop all publishing: log it, keep retrying
+                _LOGGER.exception("redis sink: flush failed unexpectedly; retrying")
+                await self._clock.sleep(self._backoff.next_delay())
+            else:
+                self._set_available(True, None)
+                self._backoff.reset()
+
+    async def _flush_once(self) -> None:
+        events = [self._events.popleft() for _ in range(min(len(self._events), self._entries_per_flush))]
+        count = min(len(self._rows), self._entry_readings * self._entries_per_flush)
+        rows = [self._rows.popleft() for _ in range(count)]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for fields in events:
+                    pipe.xadd(
+                        self._events_key, _xfields(fields), maxlen=self._events_maxlen, approximate=True
+                    )
+                for start in range(0, count, self._entry_readings):
+                    chunk = rows[start : start + self._entry_readings]
+                    pipe.xadd(
+                        self._readings_key,
+                        _xfields(fields_from_rows(chunk)),
+                        maxlen=self._maxlen,
+                        approximate=True,
+                    )
+                async with asyncio.timeout(self._timeout_s):
+                    await pipe.execute()
+        except BaseException:
+            # Put the batch back in front (a partly applied pipeline may deliver some entries
+            # twice, which at-least-once consumers tolerate); on cancel, close() counts them.
+            self._requeue(events, rows)
+            raise
+        self.sent_total += count
+        if self._shedding and len(self._rows) <= (self._rows.maxlen or 0) // 2:
+            self._shedding = False
+            _LOGGER.info("readings buffer drained; %d readings shed so far", self.shed_total)
+
+    def _requeue(self, events: list[dict[bytes, bytes]], rows: list[str]) -> None:
+        room = (self._rows.maxlen or 0) - len(self._rows)
+        if len(rows) > room:
+            self._count_shed(len(rows) - room)
+            rows = rows[len(rows) - room :]
+        self._rows.extendleft(reversed(rows))
+        room = (self._events.maxlen or 0) - len(self._events)
+        if len(events) > room:
+            self.events_shed_total += len(events) - room
+            events = events[len(events) - room :]
+        self._events.extendleft(reversed(events))
+
+    def _count_shed(self, count: int) -> None:
+        self.shed_total += count
+        if not self._shedding:
+            self._shedding = True
+            _LOGGER.warning(
+                "readings buffer full (%d): shedding the oldest readings until Redis catches up",
+                self._rows.maxlen,
+            )
+
+    def _reject(self, reading: Reading, err: ValueError) -> None:
+        self.rejected_total += 1
+        if reading.point not in self._logged_rejects and len(self._logged_rejects) < _MAX_LOGGED_REJECTS:
+            self._logged_rejects.add(reading.point)  # log once per point: drivers repeat every poll
+            _LOGGER.warning("dropping unpublishable reading: %s", err)
+
+    def _set_available(self, ok: bool, err: BaseException | None) -> None:
+        if ok is self.available:
+            return
+        previous, self.available = self.available, ok
+        if ok:
+            if previous is False:
+                _LOGGER.info("redis sink: Redis restored; %d readings buffered", len(self._rows))
+        else:
+            _LOGGER.warning(
+                "redis sink: Redis unavailable (%s); buffering up to %d readings", err, self._rows.maxlen
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Consumer
+
+
+async def run_consumer(
+    redis: Redis,
+    *,
+    stream: str,
+    group: str,
+    consumer: str,
+    handler: Callable[[Sequence[Reading]], Awaitable[None]],
+    deadletter_stream: str,
+    batch: int = 500,
+    block_ms: int = 1_000,
+    claim_idle_ms: int = 30_000,
+    claim_interval_s: float | None = None,
+    timeout_s: float = 5.0,
+    deadletter_maxlen: int = 100_000,
+    clock: Clock | None = None,
+    backoff: Backoff | None = None,
+) -> None:
+    """Run ``handler`` over a consumer group until cancelled; at-least-once, never crashes on Redis.
+
+    Parameters
+    ----------
+    stream, group, consumer
+        Stream key, consumer group (one per stage) and this process's consumer name (stable across
+        restarts, so its own pending entries are picked up again).
+    handler
+        The stage; must be idempotent. Raise :class:`RejectedReadings` for readings it can never
+        apply, anything else to have the batch retried.
+    deadletter_stream
+        Key of the dead-letter stream.
+    batch, block_ms
+        XREADGROUP ``COUNT`` and ``BLOCK``.
+    claim_idle_ms, claim_interval_s
+        Entries pending longer than ``claim_idle_ms`` on any consumer are claimed (XAUTOCLAIM) at
+        start and then every ``claim_interval_s`` (default: half of ``claim_idle_ms``).
+    timeout_s
+        Timeout of each Redis call (on top of ``block_ms`` for blocking reads).
+    """
+    loop = _ConsumerLoop(
+        redis,
+        stream=stream,
+        group=group,
+        consumer=consumer,
+        handler=handler,
+        deadletter_stream=deadletter_stream,
+        batch=batch,
+        block_ms=block_ms,
+        claim_idle_ms=claim_idle_ms,
+        claim_interval_s=claim_idle_ms / 2_000 if claim_interval_s is None else claim_interval_s,
+        timeout_s=timeout_s,
+        deadletter_maxlen=deadletter_maxlen,
+        clock=clock or SystemClock(),
+        backoff=backoff or Backoff(),
+    )
+    await loop.run()
+
+
+class _HandlerFailedError(Exception):
+    """The handler raised: the batch stays pending and is retried."""
+
+
+class _ConsumerLoop:
+    """State of one :func:`run_consumer` call (kept private so the public API stays a function)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Callable[[Sequence[Reading]], Awaitable[None]],
+        deadletter_stream: str,
+        batch: int,
+        block_ms: int,
+        claim_idle_ms: int,
+        claim_interval_s: float,
+        timeout_s: float,
+        deadletter_maxlen: int,
+        clock: Clock,
+        backoff: Backoff,
+    ) -> None:
+        self._redis, self._stream, self._group, self._consumer = redis, stream, group, consumer
+        self._handler, self._deadletter = handler, deadletter_stream
+        self._batch, self._block_ms = batch, block_ms
+        self._claim_idle_ms, self._claim_interval_s = claim_idle_ms, claim_interval_s
+        self._timeout_s, self._deadletter_maxlen = timeout_s, deadletter_maxlen
+        self._clock, self._backoff = clock, backoff
+        self._pending_mode = True  # start with our own pending entries (a previous run's)
+        self._redis_ok: bool | None = None
+        self._handler_ok: bool | None = None
+        self._name = f"{stream}/{group}/{consumer}"
+
+    async def run(self) -> None:
+        group_ready = False
+        next_claim_s = -math.inf
+        while True:
+            try:
+                if not group_ready:
+                    await self._create_group()
+                    group_ready = True
+                if self._clock.monotonic() >= next_claim_s:
+                    await self._autoclaim()
+                    next_claim_s = self._clock.monotonic() + self._claim_interval_s
+                entries = await self._read()
+                if entries:
+                    await self._process(entries)
+                self._set_redis_ok(True, None)
+                self._backoff.reset()
+            except _HandlerFailedError as failed:
+                self._set_handler_ok(False, failed.__cause__)
+                self._pending_mode = True
+                await self._clock.sleep(self._backoff.next_delay())
+            except _REDIS_ERRORS as err:
+                if isinstance(err, ResponseError) and "NOGROUP" in str(err):
+                    group_ready = False  # stream or group deleted under us: recreate it
+                self._set_redis_ok(False, err)
+                self._pending_mode = True  # whatever was read but not acked is in our pending list
+                await self._clock.sleep(self._backoff.next_delay())
+
+    async def _create_group(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    async def _autoclaim(self) -> None:
+        """Take over entries idle on any consumer (a dead one's) so they are handled here."""
+        start: Any = "0-0"
+        claimed = 0
+        for _ in range(_MAX_AUTOCLAIM_ROUNDS):  # bounded: the next round continues later
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._redis.xautoclaim(
+                    self._stream,
+                    self._group,
+                    self._consumer,
+                    self._claim_idle_ms,
+                    start_id=start,
+                    count=self._batch,
+                )
+            start, entries = response[0], response[1]
+            claimed += len(entries)
+            # Redis drops pending entries that MAXLEN trimmed away and reports their ids here
+            # (Redis >= 7); record the loss where operators look.
+            gone = response[2] if len(response) > 2 else []
+            if gone:
+                reason = "entry was trimmed from the stream (MAXLEN) before it was handled"
+                await self._deadletter_and_ack(
+                    [(self._deadletter_fields(reason, [i], {}), None) for i in gone]
+                )
+                _LOGGER.warning(
+                    "%s: %d pending entries were trimmed before being handled", self._name, len(gone)
+                )
+            if start in (b"0-0", "0-0"):
+                break
+        if claimed:
+            _LOGGER.info(
+                "%s: claimed %d entries idle for more than %d ms", self._name, claimed, self._claim_idle_ms
+            )
+            self._pending_mode = True
+
+    async def _read(self) -> list[tuple[Any, Any]]:
+        pending = self._pending_mode
+        async with asyncio.timeout(self._timeout_s + (0 if pending else self._block_ms / 1_000)):
+            response = await self._redis.xreadgroup(
+                self._group,
+                self._consumer,
+                {self._stream: "0" if pending else ">"},
+                count=self._batch,
+                block=None if pending else self._block_ms,
+            )
+        entries = _entries_of(response)
+        if pending and not entries:
+            self._pending_mode = False  # our pending list is drained: move on to new entries
+        return entries
+
+    async def _process(self, entries: list[tuple[Any, Any]]) -> None:
+        good_ids: list[Any] = []
+        readings: list[Reading] = []
+        poison: list[tuple[Any, Mapping[Any, Any], str]] = []
+        for entry_id, fields in entries:
+            if not fields:
+                poison.append(
+                    (entry_id, {}, "entry was trimmed from the stream (MAXLEN) before it was handled")
+                )
+                continue
+            try:
+                decoded = decode_readings(fields)
+            except DecodeError as err:
+                poison.append((entry_id, fields, str(err)))
+                continue
+            good_ids.append(entry_id)
+            readings.extend(decoded)
+        if poison:
+            await self._deadletter_and_ack(
+                [
+                    (self._deadletter_fields(reason, [entry_id], fields), entry_id)
+                    for entry_id, fields, reason in poison
+                ]
+            )
+            _LOGGER.warning("%s: %d poison entries moved to %s", self._name, len(poison), self._deadletter)
+        if readings:
+            try:
+                await self._handler(readings)
+            except RejectedReadings as rejected:
+                dead = self._deadletter_fields(rejected.reason, good_ids, encode_readings(rejected.readings))
+                await self._deadletter_and_ack([(dead, None)], extra_ack=good_ids)
+                _LOGGER.warning(
+                    "%s: %d readings moved to %s: %s",
+                    self._name,
+                    len(rejected.readings),
+                    self._deadletter,
+                    rejected.reason,
+                )
+                self._set_handler_ok(True, None)
+                return
+            except Exception as err:  # any stage failure: keep the entries pending and retry
+                raise _HandlerFailedError from err
+            self._set_handler_ok(True, None)
+        if good_ids:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.xack(self._stream, self._group, *good_ids)
+
+    def _deadletter_fields(
+        self, reason: str, entry_ids: Sequence[Any], raw: Mapping[Any, Any]
+    ) -> dict[bytes, bytes]:
+        fields: dict[bytes, bytes] = {
+            b"reason": reason.encode(errors="replace"),
+            b"origin": self._stream.encode(),
+            b"entry_id": b",".join(_as_bytes(i) for i in entry_ids),
+            b"group": self._group.encode(),
+            b"consumer": self._consumer.encode(),
+        }
+        for name, value in raw.items():
+            fields[_RAW_PREFIX + _as_bytes(name)] = _as_bytes(value)
+        return fields
+
+    async def _deadletter_and_ack(
+        self, items: Sequence[tuple[dict[bytes, bytes], Any]], extra_ack: Sequence[Any] = ()
+    ) -> None:
+        """XADD dead-letter entries and XACK their origins in one MULTI, so neither happens alone."""
+        ids = [entry_id for _, entry_id in items if entry_id is not None] + list(extra_ack)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for fields, _ in items:
+                pipe.xadd(
+                    self._deadletter, _xfields(fields), maxlen=self._deadletter_maxlen, approximate=True
+                )
+            if ids:
+                pipe.xack(self._stream, self._group, *ids)
+            async with asyncio.timeout(self._timeout_s):
+                await pipe.execute()
+
+    def _set_redis_ok(self, ok: bool, err: BaseException | None) -> None:
+        if ok is self._redis_ok:
+            return
+        previous, self._redis_ok = self._redis_ok, ok
+        if not ok:
+            _LOGGER.warning("%s: Redis unavailable: %s; retrying with backoff", self._name, err)
+        elif previous is not None:
+            _LOGGER.info("%s: Redis restored", self._name)
+
+    def _set_handler_ok(self, ok: bool, err: BaseException | None) -> None:
+        if ok is self._handler_ok:
+            return
+        previous, self._handler_ok = self._handler_ok, ok
+        if not ok:
+            _LOGGER.warning(
+                "%s: handler failed (%r); entries stay pending and are retried with backoff",
+                self._name,
+                err,
+                exc_info=err,
+            )
+        elif previous is not None:
+            _LOGGER.info("%s: handler recovered", self._name)
+
+
+def _entries_of(response: Any) -> list[tuple[Any, Any]]:
+    """Flatten an XREADGROUP reply for one stream, in RESP2 (list) or RESP3 (dict) shape."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        entries: list[tuple[Any, Any]] = []
+        for value in response.values():
+            # redis-py wraps the RESP3 entry list in one more list
+            entries.extend(value[0] if value and isinstance(value[0], list) else value)
+        return entries
+    return [entry for _name, stream_entries in response for entry in stream_entries]
+
+
+def _xfields(fields: dict[bytes, bytes]) -> dict[FieldT, EncodableT]:
+    """Widen our bytes-only fields to what redis-py's (invariant) dict parameter is typed as."""
+    wide: dict[FieldT, EncodableT] = {name: value for name, value in fields.items()}
+    return wide
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dead-letter inspection
+
+
+class DeadLetterEntry(TypedDict):
+    """One dead-letter entry as the API shows it (text fields; raw values decoded leniently)."""
+
+    id: str
+    reason: str
+    origin: str
+    entry_id: str
+    group: str
+    consumer: str
+    raw: dict[str, str]
+
+
+async def read_deadletter(
+    redis: Redis, key: str, count: int, *, timeout_s: float = 5.0
+) -> list[DeadLetterEntry]:
+    """Return the newest ``count`` dead-letter entries, newest first."""
+    async with asyncio.timeout(timeout_s):
+        rows = await redis.xrevrange(key, count=count)
+    out: list[DeadLetterEntry] = []
+    for entry_id, fields in rows or []:
+        text = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        raw_prefix = _RAW_PREFIX.decode()
+        out.append(
+            DeadLetterEntry(
+                id=_text(entry_id),
+                reason=text.get("reason", ""),
+                origin=text.get("origin", ""),
+                entry_id=text.get("entry_id", ""),
+                group=text.get("group", ""),
+                consumer=text.get("consumer", ""),
+                raw={k.removeprefix(raw_prefix): v for k, v in text.items() if k.startswith(raw_prefix)},
+            )
+        )
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,313 @@
+"""Versioned wire format of the Redis streams: batches of readings and availability events.
+
+One stream entry carries a whole batch, because one XADD per reading would cost a round trip and
+an entry header each. The format is plain JSON so operators (and other languages) can read a
+dead-letter entry with ``redis-cli``.
+
+Readings entry (version 1)
+--------------------------
+::
+
+    v = b"1"
+    r = [[point_id, ts_epoch_us, value, quality, reason], ...]
+
+- ``point_id``: ``"<device>.<key>"`` (see :data:`scada.model.ID_PATTERN`).
+- ``ts_epoch_us``: integer microseconds since the Unix epoch, UTC; must fall in
+  [2000-01-01, 2100-01-01) so that seconds or nanoseconds sent by mistake are caught.
+- ``value``: a JSON number, ``null`` (only with bad quality) or one of the strings ``"NaN"``,
+  ``"Infinity"``, ``"-Infinity"`` (JSON has no literal for them; PostgreSQL stores them).
+- ``quality``: :class:`scada.model.QualityCode` as an integer (0 bad, 1 uncertain, 2 good).
+- ``reason``: the quality reason, or ``null`` when empty.
+
+Event entry (version 1)
+-----------------------
+::
+
+    v = b"1"
+    type = b"availability"
+    e = {"device": ..., "ts_us": ..., "availability": "online" | "offline" | "stale", "reason": ...}
+
+Decoding anything else raises :class:`scada.model.DecodeError` with a reason an operator can act on;
+the consumer then moves the entry to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from scada.model import (
+    ID_PATTERN,
+    Availability,
+    AvailabilityEvent,
+    DecodeError,
+    DeviceId,
+    PointId,
+    Quality,
+    QualityCode,
+    Reading,
+)
+
+__all__ = [
+    "EVENT_TYPE_AVAILABILITY",
+    "FIELD_EVENT",
+    "FIELD_READINGS",
+    "FIELD_TYPE",
+    "FIELD_VERSION",
+    "MAX_TS",
+    "MIN_TS",
+    "VERSION",
+    "EntryFields",
+    "decode_event",
+    "decode_readings",
+    "encode_event",
+    "encode_readings",
+    "encode_row",
+    "fields_from_rows",
+]
+
+EntryFields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
+"""Fields of one stream entry as redis-py returns them (bytes, or str with ``decode_responses``)."""
+
+VERSION: Final = b"1"
+FIELD_VERSION: Final = b"v"
+FIELD_READINGS: Final = b"r"
+FIELD_TYPE: Final = b"type"
+FIELD_EVENT: Final = b"e"
+EVENT_TYPE_AVAILABILITY: Final = b"availability"
+
+MIN_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
+"""Earliest timestamp accepted on the wire; earlier ones are unit mistakes (s or ms sent as us)."""
+MAX_TS: Final = datetime(2100, 1, 1, tzinfo=UTC)
+"""Latest timestamp accepted on the wire (exclusive)."""
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_TS_US: Final = (MIN_TS - _EPOCH) // timedelta(microseconds=1)
+_MAX_TS_US: Final = (MAX_TS - _EPOCH) // timedelta(microseconds=1)
+_POINT_ID_RE: Final = re.compile(rf"^{ID_PATTERN}\.{ID_PATTERN}$")
+_DEVICE_ID_RE: Final = re.compile(rf"^{ID_PATTERN}$")
+_NON_FINITE_TO_WIRE: Final = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_WIRE_TO_NON_FINITE: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_ROW_LEN: Final = 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Readings
+
+
+def encode_row(reading: Reading) -> str:
+    """Encode one reading as the JSON text of one row; raise ValueError if it cannot travel.
+
+    The sink calls this when a reading is published, so a bad reading is refused at the edge
+    instead of poisoning a whole batch later.
+
+    >>> from datetime import datetime, UTC
+    >>> r = Reading(point=PointId("m1.power_kw"), ts=datetime(2026, 1, 5, tzinfo=UTC), value=1.5)
+    >>> encode_row(r)
+    '["m1.power_kw",1767571200000000,1.5,2,null]'
+    """
+    if not _POINT_ID_RE.match(reading.point):
+        raise ValueError(f"malformed point id {reading.point!r}: expected '<device>.<key>'")
+    ts_us = _to_epoch_us(reading.ts)
+    if not _MIN_TS_US <= ts_us < _MAX_TS_US:
+        raise ValueError(f"reading for {reading.point}: timestamp {reading.ts.isoformat()} out of range")
+    row = [
+        reading.point,
+        ts_us,
+        _value_to_wire(reading.value),
+        int(reading.quality.code),
+        reading.quality.reason or None,
+    ]
+    return json.dumps(row, separators=(",", ":"), allow_nan=False)
+
+
+def fields_from_rows(rows: Iterable[str]) -> dict[bytes, bytes]:
+    """Join rows made by :func:`encode_row` into the fields of one stream entry."""
+    return {FIELD_VERSION: VERSION, FIELD_READINGS: ("[" + ",".join(rows) + "]").encode()}
+
+
+def encode_readings(readings: Iterable[Reading]) -> dict[bytes, bytes]:
+    """Encode a batch of readings as the fields of one stream entry; raise ValueError if one can't.
+
+    >>> from datetime import datetime, UTC
+    >>> r = Reading(point=PointId("m1.power_kw"), ts=datetime(2026, 1, 5, tzinfo=UTC), value=None,
+    ...             quality=Quality.bad("timeout"))
+    >>> encode_readings([r])
+    {b'v': b'1', b'r': b'[["m1.power_kw",1767571200000000,null,0,"timeout"]]'}
+    """
+    return fields_from_rows(encode_row(r) for r in readings)
+
+
+def decode_readings(fields: EntryFields) -> list[Reading]:
+    """Decode one stream entry into readings; raise DecodeError naming what is wrong.
+
+    >>> decode_readings({b"v": b"1", b"r": b'[["m1.power_kw",1767571200000000,2.0,2,null]]'})
+    [Reading(point='m1.power_kw', ts=datetime.datetime(2026, 1, 5, 0, 0, tzinfo=datetime.timezone.utc), value=2.0, quality=Quality(code=<QualityCode.GOOD: 2>, reason=''))]
+    >>> decode_readings({b"v": b"2", b"r": b"[]"})
+    Traceback (most recent call last):
+    ...
+    scada.model.DecodeError: unsupported format version '2' (expected '1')
+    """  # noqa: E501 -- the doctest output is one line
+    raw = _field_map(fields)
+    _check_version(raw)
+    payload = _load_json(raw, FIELD_READINGS)
+    if not isinstance(payload, list):
+        raise DecodeError(f"field 'r' must be a JSON array, got {type(payload).__name__}")
+    return [_decode_row(i, row) for i, row in enumerate(payload)]
+
+
+def _decode_row(index: int, row: Any) -> Reading:
+    if not isinstance(row, list) or len(row) != _ROW_LEN:
+        raise DecodeError(f"row {index}: expected [point, ts_us, value, quality, reason]")
+    point, ts_us, wire_value, code, reason = row
+    if not isinstance(point, str) or not _POINT_ID_RE.match(point):
+        raise DecodeError(f"row {index}: malformed point id {point!r}")
+    ts = _decode_ts(f"row {index} ({point})", ts_us)
+    value = _value_from_wire(index, point, wire_value)
+    if isinstance(code, bool) or not isinstance(code, int) or code not in _QUALITY_CODES:
+        raise DecodeError(f"row {index} ({point}): quality must be 0, 1 or 2, got {code!r}")
+    if reason is not None and not isinstance(reason, str):
+        raise DecodeError(f"row {index} ({point}): reason must be null or a string, got {reason!r}")
+    quality_code = QualityCode(code)
+    if value is None and quality_code is not QualityCode.BAD:
+        raise DecodeError(f"row {index} ({point}): value is null but quality is {quality_code.name}")
+    quality = Quality(quality_code, reason or "")
+    return Reading(point=PointId(point), ts=ts, value=value, quality=quality)
+
+
+_QUALITY_CODES: Final = frozenset(int(c) for c in QualityCode)
+_AVAILABILITIES: Final = frozenset(a.value for a in Availability)
+
+
+def _value_to_wire(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    if math.isnan(value):
+        return "NaN"
+    return _NON_FINITE_TO_WIRE.get(value, float(value))
+
+
+def _value_from_wire(index: int, point: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise DecodeError(f"row {index} ({point}): value must be a number or null, got a boolean")
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            raise DecodeError(f"row {index} ({point}): value {value} overflows a double") from None
+    if isinstance(value, str) and value in _WIRE_TO_NON_FINITE:
+        return _WIRE_TO_NON_FINITE[value]
+    raise DecodeError(f"row {index} ({point}): value must be a number or null, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+
+
+def encode_event(event: AvailabilityEvent) -> dict[bytes, bytes]:
+    """Encode an availability change as the fields of one ``events`` stream entry.
+
+    >>> from datetime import datetime, UTC
+    >>> e = AvailabilityEvent(device=DeviceId("m1"), ts=datetime(2026, 1, 5, tzinfo=UTC),
+    ...                       availability=Availability.OFFLINE, reason="timeout")
+    >>> encode_event(e)[b"e"]
+    b'{"device":"m1","ts_us":1767571200000000,"availability":"offline","reason":"timeout"}'
+    """
+    if not _DEVICE_ID_RE.match(event.device):
+        raise ValueError(f"malformed device id {event.device!r}")
+    body = {
+        "device": event.device,
+        "ts_us": _to_epoch_us(event.ts),
+        "availability": event.availability.value,
+        "reason": event.reason,
+    }
+    return {
+        FIELD_VERSION: VERSION,
+        FIELD_TYPE: EVENT_TYPE_AVAILABILITY,
+        FIELD_EVENT: json.dumps(body, separators=(",", ":")).encode(),
+    }
+
+
+def decode_event(fields: EntryFields) -> AvailabilityEvent:
+    """Decode one ``events`` entry made by :func:`encode_event`; raise DecodeError otherwise."""
+    raw = _field_map(fields)
+    _check_version(raw)
+    kind = raw.get(FIELD_TYPE)
+    if kind != EVENT_TYPE_AVAILABILITY:
+        raise DecodeError(f"unsupported event type {_show(kind)}")
+    body = _load_json(raw, FIELD_EVENT)
+    if not isinstance(body, dict):
+        raise DecodeError("field 'e' must be a JSON object")
+    device, reason = body.get("device"), body.get("reason", "")
+    if not isinstance(device, str) or not _DEVICE_ID_RE.match(device):
+        raise DecodeError(f"event: malformed device id {device!r}")
+    if not isinstance(reason, str):
+        raise DecodeError("event: reason must be a string")
+    state = body.get("availability")
+    if state not in _AVAILABILITIES:
+        raise DecodeError(f"event: unknown availability {state!r}")
+    availability = Availability(state)
+    ts = _decode_ts(f"event ({device})", body.get("ts_us"))
+    return AvailabilityEvent(device=DeviceId(device), ts=ts, availability=availability, reason=reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _field_map(fields: EntryFields) -> dict[bytes, bytes]:
+    """Normalise fields to bytes, whether the client was made with ``decode_responses`` or not."""
+    out: dict[bytes, bytes] = {}
+    for key, value in fields.items():
+        out[key.encode() if isinstance(key, str) else key] = (
+            value.encode() if isinstance(value, str) else value
+        )
+    return out
+
+
+def _check_version(raw: Mapping[bytes, bytes]) -> None:
+    version = raw.get(FIELD_VERSION)
+    if version is None:
+        raise DecodeError("missing field 'v' (format version)")
+    if version != VERSION:
+        raise DecodeError(f"unsupported format version {_show(version)} (expected '1')")
+
+
+def _load_json(raw: Mapping[bytes, bytes], name: bytes) -> Any:
+    data = raw.get(name)
+    if data is None:
+        raise DecodeError(f"missing field {name.decode()!r}")
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueError
+        raise DecodeError(f"field {name.decode()!r} is not valid JSON: {err}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _decode_ts(where: str, ts_us: Any) -> datetime:
+    if isinstance(ts_us, bool) or not isinstance(ts_us, int):
+        raise DecodeError(f"{where}: timestamp must be integer microseconds, got {ts_us!r}")
+    if not _MIN_TS_US <= ts_us < _MAX_TS_US:
+        raise DecodeError(f"{where}: timestamp {ts_us} us is outside [2000-01-01, 2100-01-01)")
+    return _EPOCH + timedelta(microseconds=ts_us)
+
+
+def _to_epoch_us(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def _show(value: bytes | None) -> str:
+    return "<missing>" if value is None else repr(value.decode(errors="replace"))

@@ -1,0 +1,167 @@
+"""Live fan-out: the latest value of every point, pushed to websocket subscribers.
+
+Every API process keeps its own hub fed by a plain ``XREAD`` of the readings and events streams (not a
+consumer group: each process must see every entry, and missing a live frame is harmless because the
+historian holds the record). Each subscriber owns a bounded queue that drops its *oldest* frame when
+full, so one slow browser never stalls the others or grows memory (STYLE.md: fan-out never blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from scada.model import AvailabilityEvent, DecodeError, DeviceId, PointId, Reading
+from scada.runtime import Backoff
+from streams.codec import decode_event, decode_readings
+
+__all__ = ["LiveHub", "Subscription", "run_live_feed"]
+
+_XReadReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One client's interest (a set of points) and its bounded outbox of reading frames."""
+
+    queue: asyncio.Queue[list[Reading]]
+    points: set[PointId] = field(default_factory=set)
+    dropped_frames: int = 0
+    """Frames dropped because the client fell behind; reported to the client, then reset."""
+
+    def offer(self, frame: list[Reading]) -> None:
+        """Queue a frame, dropping the oldest queued frame if the client is behind."""
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped_frames += 1
+        self.queue.put_nowait(frame)
+
+
+class LiveHub:
+    """Latest values per point and device availability, with latest-wins fan-out."""
+
+    def __init__(self, *, frames_per_client: int = 256) -> None:
+        if frames_per_client < 1:
+            raise ValueError("frames_per_client must be >= 1")
+        self._frames_per_client = frames_per_client
+        self._latest: dict[PointId, Reading] = {}
+        self._availability: dict[DeviceId, AvailabilityEvent] = {}
+        self._subscriptions: set[Subscription] = set()
+        self.readings_seen = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        """Return how many clients are subscribed."""
+        return len(self._subscriptions)
+
+    @property
+    def availability(self) -> Mapping[DeviceId, AvailabilityEvent]:
+        """Return the last availability event of each device seen since start."""
+        return self._availability
+
+    def latest(self, point: PointId) -> Reading | None:
+        """Return the newest reading of a point seen since start, if any."""
+        return self._latest.get(point)
+
+    def snapshot(self, points: Iterable[PointId]) -> list[Reading]:
+        """Return the latest reading of each of ``points`` that has one."""
+        return [r for p in points if (r := self._latest.get(p)) is not None]
+
+    def publish(self, readings: Sequence[Reading]) -> None:
+        """Record a batch as the latest values and offer each subscriber the part it asked for."""
+        fresh: list[Reading] = []
+        for reading in readings:
+            current = self._latest.get(reading.point)
+            if current is None or reading.ts >= current.ts:  # a redelivered old reading is not news
+                self._latest[reading.point] = reading
+                fresh.append(reading)
+        self.readings_seen += len(readings)
+        if not fresh:
+            return
+        for sub in self._subscriptions:
+            if sub.points:
+                frame = [r for r in fresh if r.point in sub.points]
+                if frame:
+                    sub.offer(frame)
+
+    def publish_event(self, event: AvailabilityEvent) -> None:
+        """Record a device availability change."""
+        current = self._availability.get(event.device)
+        if current is None or event.ts >= current.ts:
+            self._availability[event.device] = event
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        """Register a client for the duration of the ``with`` block."""
+        sub = Subscription(queue=asyncio.Queue(maxsize=self._frames_per_client))
+        self._subscriptions.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subscriptions.discard(sub)
+
+
+async def run_live_feed(
+    redis: aioredis.Redis,
+    hub: LiveHub,
+    *,
+    readings_key: str,
+    events_key: str,
+    block_ms: int = 1_000,
+    count: int = 1_000,
+    timeout_s: float = 5.0,
+) -> None:
+    """Feed ``hub`` from the readings and events streams until cancelled.
+
+    Starts at the streams' current ends: a live view wants what happens from now on. Entries
+    that cannot be decoded are skipped here; the historian's consumer group dead-letters them.
+    """
+    last_ids: dict[str, str] = {}
+    backoff = Backoff(initial_s=0.2, max_s=10.0)
+    healthy = True
+    while True:
+        try:
+            if not last_ids:  # explicit ids, not "$": "$" between two XREADs would miss entries
+                last_ids = {key: await _last_id(redis, key, timeout_s) for key in (readings_key, events_key)}
+            async with asyncio.timeout(block_ms / 1000 + timeout_s):
+                reply = cast(_XReadReply, await redis.xread(last_ids, count=count, block=block_ms))  # type: ignore[arg-type]
+        except (RedisError, OSError, TimeoutError) as err:
+            if healthy:
+                _LOGGER.warning("live feed: Redis unavailable: %s", err)
+                healthy = False
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        if not healthy:
+            _LOGGER.info("live feed: Redis available again")
+            healthy = True
+            backoff.reset()
+        for raw_key, entries in reply or []:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            for entry_id, fields in entries:
+                last_ids[key] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                try:
+                    if key == readings_key:
+                        hub.publish(decode_readings(fields))
+                    else:
+                        hub.publish_event(decode_event(fields))
+                except DecodeError as err:
+                    _LOGGER.debug("live feed: skipping undecodable entry %s: %s", entry_id, err)
+
+
+async def _last_id(redis: aioredis.Redis, key: str, timeout_s: float) -> str:
+    """Return the id of the newest entry of a stream, or ``0-0`` if it is empty or absent."""
+    async with asyncio.timeout(timeout_s):
+        newest = await redis.xrevrange(key, count=1)
+    if not newest:
+        return "0-0"
+    entry_id = newest[0][0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
