@@ -1,0 +1,1 @@
+"""The REST API (aiohttp): routes, problem+json errors and the live websocket."""

@@ -1,0 +1,105 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``.
+
+Handlers raise :class:`ApiProblem` (or a kernel error, mapped here); the middleware turns it into a
+response. Nothing else leaves the API: an unexpected exception is logged with its request id and
+answered as a plain 500 problem with no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from scada.model import ConfigError, NotFound, ServiceError
+
+__all__ = ["REQUEST_ID", "ApiProblem", "problem_middleware", "problem_response"]
+
+_LOGGER = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+PROBLEM_TYPE_BASE = "https://carbonos.dev/problems/"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiProblem(Exception):
+    """An error the client should see: an HTTP status, a short title and a specific detail."""
+
+    def __init__(
+        self, status: int, title: str, detail: str, *, slug: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.slug = slug or title.lower().replace(" ", "-")
+        self.extra = extra
+
+
+def problem_response(problem: ApiProblem, *, instance: str, request_id: str) -> web.Response:
+    """Render a problem as a JSON response with the problem+json media type."""
+    body = {
+        "type": PROBLEM_TYPE_BASE + problem.slug,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "instance": instance,
+        "request_id": request_id,
+        **problem.extra,
+    }
+    return web.json_response(
+        body,
+        status=problem.status,
+        content_type="application/problem+json",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give each request an id and map every error to a problem+json response."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except ApiProblem as problem:
+        return problem_response(problem, instance=request.path, request_id=request_id)
+    except NotFound as err:
+        return problem_response(
+            ApiProblem(404, "Not found", str(err)), instance=request.path, request_id=request_id
+        )
+    except ConfigError as err:
+        return problem_response(
+            ApiProblem(400, "Invalid request", str(err)), instance=request.path, request_id=request_id
+        )
+    except ServiceError as err:
+        _LOGGER.warning("request %s: service unavailable: %s", request_id, err)
+        return problem_response(
+            ApiProblem(503, "Service unavailable", str(err)), instance=request.path, request_id=request_id
+        )
+    except web.HTTPException as http:
+        if http.status < 400:
+            raise
+        return problem_response(
+            ApiProblem(http.status, http.reason or "Error", http.text or http.reason or ""),
+            instance=request.path,
+            request_id=request_id,
+        )
+    except TimeoutError:
+        _LOGGER.warning("request %s: timed out", request_id)
+        return problem_response(
+            ApiProblem(503, "Service unavailable", "a backing service timed out"),
+            instance=request.path,
+            request_id=request_id,
+        )
+    except Exception:  # noqa: BLE001 -- the last line of defence: log it, never leak a traceback
+        _LOGGER.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
+        return problem_response(
+            ApiProblem(500, "Internal error", "the server failed; see its log", slug="internal-error"),
+            instance=request.path,
+            request_id=request_id,
+        )
+    response.headers.setdefault("X-Request-Id", request_id)
+    return response

@@ -1,0 +1,286 @@
+"""REST resources of /api/v1 and the live websocket.
+
+Handlers receive their collaborators (catalog, store, hub) through typed app keys set by
+:mod:`scada.app`; they never construct services themselves. Timestamps are ISO 8601 in UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from scada import __version__
+from scada.api.problem import ApiProblem
+from scada.catalog import PointEntry, SiteCatalog
+from scada.config import NodeConfig
+from scada.model import UTC, DeviceId, PointId, Reading, ReadingStore
+from streams.live import LiveHub, Subscription
+
+__all__ = ["CATALOG", "HUB", "SERVICE_ORIGINS", "STORE", "add_routes", "reading_json"]
+
+_LOGGER = logging.getLogger(__name__)
+
+CATALOG = web.AppKey("catalog", SiteCatalog)
+STORE = web.AppKey("store", ReadingStore)
+HUB = web.AppKey("hub", LiveHub)
+SERVICE_ORIGINS = web.AppKey("service_origins", dict[str, str])
+
+HISTORY_MAX_ROWS = 100_000
+HISTORY_DEFAULT_SPAN = timedelta(hours=1)
+WS_HEARTBEAT_S = 15.0
+WS_MAX_POINTS_PER_CLIENT = 10_000
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every /api/v1 route on ``app``."""
+    app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/api/v1/site", site)
+    app.router.add_get("/api/v1/devices", devices)
+    app.router.add_get("/api/v1/points", points)
+    app.router.add_get("/api/v1/points/{point_id}", point)
+    app.router.add_get("/api/v1/points/{point_id}/latest", latest)
+    app.router.add_get("/api/v1/points/{point_id}/history", history)
+    app.router.add_get("/api/v1/ws", websocket)
+
+
+def reading_json(reading: Reading) -> dict[str, Any]:
+    """Render a reading for clients."""
+    body: dict[str, Any] = {
+        "point": reading.point,
+        "ts": reading.ts.astimezone(UTC).isoformat(),
+        "value": reading.value,
+        "quality": reading.quality.code.name.lower(),
+    }
+    if reading.quality.reason:
+        body["reason"] = reading.quality.reason
+    return body
+
+
+def _point_json(entry: PointEntry) -> dict[str, Any]:
+    cfg = entry.config
+    return {
+        "id": entry.id,
+        "device": entry.device.id,
+        "key": cfg.key,
+        "name": cfg.name or cfg.key,
+        "kind": cfg.kind.value,
+        "unit": cfg.unit.value,
+        "carrier": cfg.carrier.value,
+        "writable": cfg.writable,
+    }
+
+
+def _node_json(node: NodeConfig) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "name": node.name,
+        "level": node.level.value,
+        "children": [_node_json(c) for c in node.children],
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness plus which services this process uses and how they were chosen."""
+    hub = request.app[HUB]
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "services": request.app[SERVICE_ORIGINS],
+            "live": {"readings_seen": hub.readings_seen, "subscribers": hub.subscriber_count},
+        }
+    )
+
+
+async def site(request: web.Request) -> web.Response:
+    """The site and its hierarchy tree."""
+    cfg = request.app[CATALOG].site
+    return web.json_response(
+        {
+            "id": cfg.site.id,
+            "name": cfg.site.name,
+            "timezone": cfg.site.timezone,
+            "hierarchy": [_node_json(n) for n in cfg.hierarchy],
+        }
+    )
+
+
+async def devices(request: web.Request) -> web.Response:
+    """Every device with its place in the hierarchy and its last known availability."""
+    catalog, hub = request.app[CATALOG], request.app[HUB]
+    items = []
+    for device in catalog.site.devices:
+        event = hub.availability.get(DeviceId(device.id))
+        items.append(
+            {
+                "id": device.id,
+                "name": device.name or device.id,
+                "node": device.node,
+                "kind": device.kind.value,
+                "protocol": device.protocol.value,
+                "enabled": device.enabled,
+                "poll_period_s": device.poll_period_s,
+                "availability": event.availability.value if event else "unknown",
+                "availability_since": event.ts.isoformat() if event else None,
+                "availability_reason": event.reason if event else "",
+                "points": [device.point_id(p.key) for p in device.points],
+            }
+        )
+    return web.json_response({"items": items})
+
+
+async def points(request: web.Request) -> web.Response:
+    """Every point, optionally only those of one device (``?device=``)."""
+    catalog = request.app[CATALOG]
+    device = request.query.get("device")
+    if device is not None:
+        catalog.device(device)  # 404 for an unknown device rather than an empty list
+    items = [_point_json(e) for e in catalog.points() if device is None or e.device.id == device]
+    return web.json_response({"items": items})
+
+
+async def point(request: web.Request) -> web.Response:
+    """One point's configuration."""
+    return web.json_response(_point_json(request.app[CATALOG].point(request.match_info["point_id"])))
+
+
+async def latest(request: web.Request) -> web.Response:
+    """The newest reading of a point: from the live hub, else from the historian."""
+    entry = request.app[CATALOG].point(request.match_info["point_id"])
+    reading = request.app[HUB].latest(entry.id)
+    if reading is None:
+        reading = await request.app[STORE].latest(entry.id)
+    if reading is None:
+        raise ApiProblem(404, "No data", f"point {entry.id!r} has no reading yet", slug="no-data")
+    return web.json_response(reading_json(reading))
+
+
+async def history(request: web.Request) -> web.Response:
+    """Stored readings of a point in ``[start, end)``, oldest first, at most ``limit`` rows."""
+    entry = request.app[CATALOG].point(request.match_info["point_id"])
+    query = request.query
+    end = _parse_time(query, "end") or datetime.now(UTC)
+    start = _parse_time(query, "start") or end - HISTORY_DEFAULT_SPAN
+    if start >= end:
+        raise ApiProblem(400, "Invalid request", "start must be before end", slug="invalid-request")
+    limit = _parse_int(query, "limit", default=10_000, low=1, high=HISTORY_MAX_ROWS)
+    rows = await request.app[STORE].history(entry.id, start, end, limit=limit)
+    return web.json_response(
+        {
+            "point": entry.id,
+            "unit": entry.config.unit.value,
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "readings": [reading_json(r) for r in rows],
+            "truncated": len(rows) >= limit,
+        }
+    )
+
+
+def _parse_time(query: Mapping[str, str], name: str) -> datetime | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace(" ", "+"))  # '+' in a query string arrives as ' '
+    except ValueError:
+        raise ApiProblem(
+            400, "Invalid request", f"{name}: not an ISO 8601 time: {raw!r}", slug="invalid-request"
+        ) from None
+    if value.tzinfo is None:
+        raise ApiProblem(
+            400, "Invalid request", f"{name}: give a time zone, e.g. {raw}Z", slug="invalid-request"
+        )
+    return value.astimezone(UTC)
+
+
+def _parse_int(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiProblem(
+            400, "Invalid request", f"{name}: not an integer: {raw!r}", slug="invalid-request"
+        ) from None
+    if not low <= value <= high:
+        raise ApiProblem(
+            400, "Invalid request", f"{name}: must be within [{low}, {high}]", slug="invalid-request"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Websocket: see docs/api.md for the message protocol.
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Push new readings of the points a client subscribes to (snapshot first, then deltas)."""
+    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=1 << 20)
+    await ws.prepare(request)
+    hub, catalog = request.app[HUB], request.app[CATALOG]
+    with hub.subscribe() as sub:
+        sender = asyncio.create_task(_send_frames(ws, sub), name="ws-sender")
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    await _handle_client_message(ws, sub, hub, catalog, msg.data)
+                elif msg.type is WSMsgType.ERROR:
+                    _LOGGER.debug("websocket closed with error: %s", ws.exception())
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return ws
+
+
+async def _handle_client_message(
+    ws: web.WebSocketResponse, sub: Subscription, hub: LiveHub, catalog: SiteCatalog, data: str
+) -> None:
+    try:
+        message = json.loads(data)
+        kind = message["type"]
+    except (ValueError, KeyError, TypeError):
+        await ws.send_json({"type": "error", "detail": "expected a JSON object with a 'type'"})
+        return
+    if kind == "ping":
+        await ws.send_json({"type": "pong"})
+        return
+    if kind not in ("subscribe", "unsubscribe"):
+        await ws.send_json({"type": "error", "detail": f"unknown message type {kind!r}"})
+        return
+    requested = message.get("points")
+    if not isinstance(requested, list) or not all(isinstance(p, str) for p in requested):
+        await ws.send_json({"type": "error", "detail": "'points' must be a list of point ids"})
+        return
+    unknown = [p for p in requested if not catalog.has_point(p)]
+    known = [PointId(p) for p in requested if catalog.has_point(p)]
+    if kind == "unsubscribe":
+        sub.points.difference_update(known)
+        await ws.send_json({"type": "unsubscribed", "points": known})
+        return
+    if len(sub.points | set(known)) > WS_MAX_POINTS_PER_CLIENT:
+        await ws.send_json(
+            {"type": "error", "detail": f"at most {WS_MAX_POINTS_PER_CLIENT} points per connection"}
+        )
+        return
+    sub.points.update(known)
+    await ws.send_json({"type": "subscribed", "points": known, "unknown": unknown})
+    await ws.send_json({"type": "snapshot", "readings": [reading_json(r) for r in hub.snapshot(known)]})
+
+
+async def _send_frames(ws: web.WebSocketResponse, sub: Subscription) -> None:
+    while not ws.closed:
+        frame = await sub.queue.get()
+        if sub.dropped_frames:
+            await ws.send_json({"type": "dropped", "frames": sub.dropped_frames})
+            sub.dropped_frames = 0
+        await ws.send_json({"type": "readings", "readings": [reading_json(r) for r in frame]})

@@ -1,0 +1,224 @@
+"""The composition root: the one place where feature packages meet.
+
+:func:`create_app` builds the aiohttp application for a site. Its long-lived resources are async
+generators in ``app.cleanup_ctx`` (started in order, stopped in reverse):
+
+1. PostgreSQL: pool, migrations, catalog sync, the reading store;
+2. Redis: one client for the bus;
+3. the plant, by role: device sessions feeding the readings stream (``gateway``), the historian
+   consumer group (``historian``), and the live feed behind the websocket (``api``).
+
+Every task is owned by a :class:`~scada.runtime.TaskSupervisor` and cancelled on shutdown.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from aiohttp import web
+
+from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
+from scada.api.problem import problem_middleware
+from scada.api.routes import CATALOG, HUB, SERVICE_ORIGINS, STORE, add_routes
+from scada.catalog import SiteCatalog, sync_catalog
+from scada.config import DeviceConfig, Protocol, SiteConfig
+from scada.db import create_pool, migrate
+from scada.model import Clock, Driver, StreamName
+from scada.runtime import SystemClock, TaskSupervisor
+from scada.services import Endpoints
+from scada.sessions import DeviceSession
+from scada.settings import Settings
+from streams.bus import RedisReadingSink, run_consumer, stream_key
+from streams.historian import HistorianStage
+from streams.live import LiveHub, run_live_feed
+from streams.store import PostgresReadingStore
+
+__all__ = ["PLANT", "Plant", "Role", "build_driver", "create_app"]
+
+_LOGGER = logging.getLogger(__name__)
+
+HISTORIAN_GROUP = "historian"
+PARTITION_MAINTENANCE_PERIOD_S = 3600.0
+
+
+class Role(enum.StrEnum):
+    """What a server process does; ``all`` (the default) runs every role in one process."""
+
+    ALL = "all"
+    GATEWAY = "gateway"
+    HISTORIAN = "historian"
+    API = "api"
+
+
+class Plant:
+    """The running parts of one process: sessions, consumers and feeds, by role."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, DeviceSession] = {}
+        self.sink: RedisReadingSink | None = None
+        self.historian: HistorianStage | None = None
+        self.supervisor = TaskSupervisor("plant")
+
+
+PLANT = web.AppKey("plant", Plant)
+SETTINGS = web.AppKey("settings", Settings)
+_ENDPOINTS = web.AppKey("endpoints", Endpoints)
+_CLOCK = web.AppKey("clock", Clock)
+_ROLES = web.AppKey("roles", frozenset[Role])
+_POOL = web.AppKey("pool", object)
+_REDIS = web.AppKey("redis", aioredis.Redis)
+
+
+def create_app(
+    site: SiteConfig,
+    settings: Settings,
+    endpoints: Endpoints,
+    *,
+    roles: frozenset[Role] = frozenset({Role.ALL}),
+    clock: Clock | None = None,
+) -> web.Application:
+    """Build the server application for ``site`` on the given service endpoints."""
+    app = web.Application(middlewares=[problem_middleware])
+    app[SETTINGS] = settings
+    app[_ENDPOINTS] = endpoints
+    app[_CLOCK] = clock or SystemClock()
+    effective_roles: frozenset[Role] = frozenset(Role) if Role.ALL in roles else roles
+    app[_ROLES] = effective_roles
+    app[CATALOG] = SiteCatalog(site)
+    app[HUB] = LiveHub()
+    origins: dict[str, str] = {str(k): str(v) for k, v in endpoints.origins.items()}
+    app[SERVICE_ORIGINS] = origins
+    app[PLANT] = Plant()
+    app.cleanup_ctx.extend([_database, _redis, _plant])
+    add_routes(app)
+    return app
+
+
+def build_driver(device: DeviceConfig, clock: Clock) -> Driver:
+    """Build the protocol driver a device's configuration asks for."""
+    if device.protocol is Protocol.MODBUS_TCP:
+        assert device.modbus is not None  # guaranteed by the config validator
+        specs = [
+            ModbusPointSpec(
+                point=device.point_id(p.key),
+                config=p.modbus,
+                scale=p.scale,
+                offset=p.offset,
+                writable=p.writable,
+            )
+            for p in device.points
+            if p.modbus is not None
+        ]
+        return ModbusDriver(device.id, device.modbus, specs, clock=clock)
+    raise NotImplementedError(f"no driver for protocol {device.protocol.value!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources (cleanup contexts)
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = await create_pool(app[_ENDPOINTS].db_url, timeout_s=settings.service_timeout_s)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            await sync_catalog(conn, app[CATALOG].site)
+        app[_POOL] = pool
+        app[STORE] = PostgresReadingStore(pool)
+        yield
+    finally:
+        await pool.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.Redis.from_url(
+        app[_ENDPOINTS].redis_url,
+        socket_timeout=settings.service_timeout_s,
+        socket_connect_timeout=settings.service_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),  # our loops own retries and backoff; no second loop underneath
+    )
+    try:
+        await client.ping()
+        app[_REDIS] = client
+        yield
+    finally:
+        await client.aclose()
+
+
+async def _plant(app: web.Application) -> AsyncIterator[None]:
+    settings, roles, clock = app[SETTINGS], app[_ROLES], app[_CLOCK]
+    plant, redis = app[PLANT], app[_REDIS]
+    prefix = settings.stream_prefix
+    readings_key = stream_key(prefix, StreamName.READINGS)
+    events_key = stream_key(prefix, StreamName.EVENTS)
+    deadletter_key = stream_key(prefix, StreamName.DEADLETTER)
+    # Stable across restarts: a restarted historian first re-reads its own pending entries.
+    consumer_name = f"{socket.gethostname()}-{settings.http_port}"
+    try:
+        if Role.API in roles:
+            plant.supervisor.spawn(
+                run_live_feed(redis, app[HUB], readings_key=readings_key, events_key=events_key),
+                name="live-feed",
+            )
+        if Role.HISTORIAN in roles:
+            plant.historian = HistorianStage(app[_POOL], timeout_s=settings.service_timeout_s, clock=clock)
+            await plant.historian.ensure_partitions_ahead()
+            plant.supervisor.spawn(
+                run_consumer(
+                    redis,
+                    stream=readings_key,
+                    group=HISTORIAN_GROUP,
+                    consumer=consumer_name,
+                    handler=plant.historian.handle,
+                    deadletter_stream=deadletter_key,
+                ),
+                name="historian",
+            )
+            plant.supervisor.spawn(_partition_maintenance(plant.historian, clock), name="partitions")
+        if Role.GATEWAY in roles:
+            plant.sink = RedisReadingSink(
+                redis, readings_key=readings_key, events_key=events_key, maxlen=settings.readings_maxlen
+            )
+            await plant.sink.start()
+            for device in app[CATALOG].site.devices:
+                if not device.enabled:
+                    continue
+                session = DeviceSession(
+                    build_driver(device, clock),
+                    points=[device.point_id(p.key) for p in device.points],
+                    sink=plant.sink,
+                    events=plant.sink,
+                    period_s=device.poll_period_s,
+                    clock=clock,
+                )
+                plant.sessions[device.id] = session
+                plant.supervisor.spawn(session.run(), name=f"session:{device.id}")
+            _LOGGER.info("gateway: %d device sessions started", len(plant.sessions))
+        yield
+    finally:
+        await plant.supervisor.close()
+        if plant.sink is not None:
+            await plant.sink.close()
+
+
+async def _partition_maintenance(historian: HistorianStage, clock: Clock) -> None:
+    """Create tomorrow's partitions well before midnight, so ingest never waits on DDL."""
+    while True:
+        await clock.sleep(PARTITION_MAINTENANCE_PERIOD_S)
+        try:
+            await historian.ensure_partitions_ahead()
+        except (OSError, TimeoutError, asyncpg.PostgresError) as err:
+            _LOGGER.warning(
+                "partition maintenance failed (will retry in %.0f s): %s", PARTITION_MAINTENANCE_PERIOD_S, err
+            )

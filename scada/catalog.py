@@ -1,0 +1,156 @@
+"""The catalog: the site's nodes, devices and points, indexed in memory and mirrored in PostgreSQL.
+
+The site file is the source of truth. At start-up :func:`sync_catalog` upserts it into the
+``nodes``, ``devices`` and ``points`` tables (so SQL roll-ups can join readings to the hierarchy) and
+marks what the file no longer lists as retired rather than deleting it: its history stays queryable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from scada.config import DeviceConfig, PointConfig, SiteConfig
+from scada.model import DeviceId, NotFound, PointId, make_point_id
+
+__all__ = ["CatalogSyncReport", "PointEntry", "SiteCatalog", "sync_catalog"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PointEntry:
+    """A point with the device it belongs to."""
+
+    id: PointId
+    device: DeviceConfig
+    config: PointConfig
+
+
+class SiteCatalog:
+    """Fast lookups over a validated site: point id -> point, device id -> device."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+        self._devices = {DeviceId(d.id): d for d in site.devices}
+        self._points = {
+            make_point_id(d.id, p.key): PointEntry(make_point_id(d.id, p.key), d, p)
+            for d in site.devices
+            for p in d.points
+        }
+
+    def point(self, point_id: str) -> PointEntry:
+        """Return a point by id; raise :class:`NotFound` if the site has none by that id."""
+        entry = self._points.get(PointId(point_id))
+        if entry is None:
+            raise NotFound(f"no point {point_id!r} in site {self.site.site.id!r}")
+        return entry
+
+    def device(self, device_id: str) -> DeviceConfig:
+        """Return a device by id; raise :class:`NotFound` if there is none."""
+        device = self._devices.get(DeviceId(device_id))
+        if device is None:
+            raise NotFound(f"no device {device_id!r} in site {self.site.site.id!r}")
+        return device
+
+    def has_point(self, point_id: str) -> bool:
+        """Return True if the site has this point."""
+        return point_id in self._points
+
+    def points(self) -> Iterator[PointEntry]:
+        """Yield every point in file order."""
+        return iter(self._points.values())
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSyncReport:
+    """What a sync changed."""
+
+    nodes: int
+    devices: int
+    points: int
+    retired_devices: int
+    retired_points: int
+
+
+async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyncReport:
+    """Upsert the site's hierarchy, devices and points; retire rows the site no longer lists."""
+    nodes = [(n.id, n.name, n.level.value, parent) for n, parent in site.iter_nodes()]
+    devices = [
+        (
+            d.id,
+            d.node,
+            d.name or d.id,
+            d.kind.value,
+            d.protocol.value,
+            json.dumps(d.model_dump(mode="json", exclude={"points", "simulation"})),
+        )
+        for d in site.devices
+    ]
+    points = [
+        (
+            make_point_id(d.id, p.key),
+            d.id,
+            p.key,
+            p.name or p.key,
+            p.kind.value,
+            p.unit.value,
+            p.carrier.value,
+            p.writable,
+        )
+        for d in site.devices
+        for p in d.points
+    ]
+    async with conn.transaction():
+        # Parents come before children in iter_nodes(), so the foreign key holds row by row.
+        await conn.executemany(
+            """INSERT INTO nodes (id, name, level, parent) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, level = EXCLUDED.level,
+                                              parent = EXCLUDED.parent""",
+            nodes,
+        )
+        await conn.executemany(
+            """INSERT INTO devices (id, node_id, name, kind, protocol, config, retired_at)
+               VALUES ($1, $2, $3, $4, $5, $6::jsonb, NULL)
+               ON CONFLICT (id) DO UPDATE SET node_id = EXCLUDED.node_id, name = EXCLUDED.name,
+                   kind = EXCLUDED.kind, protocol = EXCLUDED.protocol, config = EXCLUDED.config,
+                   retired_at = NULL""",
+            devices,
+        )
+        await conn.executemany(
+            """INSERT INTO points (point_id, device_id, key, name, kind, unit, carrier, writable, retired_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+               ON CONFLICT (point_id) DO UPDATE SET device_id = EXCLUDED.device_id, key = EXCLUDED.key,
+                   name = EXCLUDED.name, kind = EXCLUDED.kind, unit = EXCLUDED.unit,
+                   carrier = EXCLUDED.carrier, writable = EXCLUDED.writable, retired_at = NULL""",
+            points,
+        )
+        retired_points = await conn.fetchval(
+            """WITH r AS (UPDATE points SET retired_at = now()
+                          WHERE retired_at IS NULL AND NOT (point_id = ANY($1::text[])) RETURNING 1)
+               SELECT count(*) FROM r""",
+            [p[0] for p in points],
+        )
+        retired_devices = await conn.fetchval(
+            """WITH r AS (UPDATE devices SET retired_at = now()
+                          WHERE retired_at IS NULL AND NOT (id = ANY($1::text[])) RETURNING 1)
+               SELECT count(*) FROM r""",
+            [d[0] for d in devices],
+        )
+    report = CatalogSyncReport(len(nodes), len(devices), len(points), retired_devices, retired_points)
+    _LOGGER.info(
+        "catalog: %d nodes, %d devices, %d points (%d devices, %d points retired)",
+        report.nodes,
+        report.devices,
+        report.points,
+        retired_devices,
+        retired_points,
+    )
+    return report

@@ -1,0 +1,242 @@
+"""The ``scada`` command: run the server, run simulators, run the demo, check a site file.
+
+Exit codes: 0 success, 1 runtime failure (a service could not be started), 2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from aiohttp import web
+
+from scada import __version__
+from scada.app import Role, create_app
+from scada.config import SiteConfig, load_site
+from scada.model import ConfigError, ScadaError
+from scada.runtime import SystemClock
+from scada.services import Endpoints, running_services
+from scada.settings import Settings
+
+__all__ = ["main"]
+
+_LOGGER = logging.getLogger("scada")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEMO_SITE = Path(__file__).resolve().parent.parent / "examples" / "plant.yaml"
+SIMULATOR_READY_TIMEOUT_S = 30.0
+SIMULATOR_STOP_TIMEOUT_S = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``scada`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        _configure_logging(settings.log_level)
+        code: int = args.func(args, settings)
+    except ConfigError as err:
+        print(f"scada: invalid configuration: {err}", file=sys.stderr)  # noqa: T201 -- CLI output
+        return EXIT_CONFIG
+    except ScadaError as err:
+        print(f"scada: {err}", file=sys.stderr)  # noqa: T201 -- CLI output
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scada", description="CarbonOS SCADA server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the server for a site file")
+    run.add_argument("-c", "--config", required=True, type=Path, help="site file (YAML)")
+    run.add_argument(
+        "--role",
+        action="append",
+        choices=[r.value for r in Role],
+        help="roles this process plays (repeatable; default: all)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    simulate = sub.add_parser("simulate", help="run device simulators for a site file")
+    simulate.add_argument("-c", "--config", required=True, type=Path, help="site file (YAML)")
+    simulate.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    simulate.set_defaults(func=_cmd_simulate)
+
+    demo = sub.add_parser("demo", help="services + simulators + server for the example plant")
+    demo.add_argument(
+        "-c", "--config", type=Path, default=DEMO_SITE, help="site file (default: example plant)"
+    )
+    demo.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    demo.set_defaults(func=_cmd_demo)
+
+    check = sub.add_parser("check-config", help="validate a site file and print a summary")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_cmd_check)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_check(args: argparse.Namespace, _settings: Settings) -> int:
+    site = load_site(args.file)
+    nodes = sum(1 for _ in site.iter_nodes())
+    points = sum(len(d.points) for d in site.devices)
+    print(
+        f"{args.file}: OK: site {site.site.id!r}: {nodes} nodes, {len(site.devices)} devices, "  # noqa: T201
+        f"{points} points"
+    )
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    site = load_site(args.config)
+    roles = frozenset(Role(r) for r in args.role) if args.role else frozenset({Role.ALL})
+    asyncio.run(_serve(site, settings, roles=roles, simulators=None))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    site = load_site(args.config)
+    asyncio.run(_serve(site, settings, roles=frozenset({Role.ALL}), simulators=args.speed))
+    return EXIT_OK
+
+
+def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> NoReturn:
+    site = load_site(args.config)
+    document = write_normalized_site(site, settings.data_dir)
+    command = [sys.executable, "-m", "simulators", "--site", str(document), "--speed", str(args.speed)]
+    os.execv(sys.executable, command)  # noqa: S606 -- replace this process: signals go straight to it
+
+
+def write_normalized_site(site: SiteConfig, data_dir: Path) -> Path:
+    """Write the normalized site document (templates expanded) that the simulators read."""
+    path = data_dir / "simulators" / f"{site.site.id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(site.model_dump(mode="json"), ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving
+
+
+async def _serve(
+    site: SiteConfig, settings: Settings, *, roles: frozenset[Role], simulators: float | None
+) -> None:
+    """Run until SIGINT/SIGTERM: services, optionally simulators, then the server."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_services(settings) as endpoints, contextlib.AsyncExitStack() as stack:
+            if simulators is not None:
+                await stack.enter_async_context(_simulator_process(site, settings, speed=simulators))
+            runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
+            _announce(runner, site, endpoints, demo=simulators is not None)
+            await stop.wait()
+            _LOGGER.info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    _LOGGER.info("stopped")
+
+
+@contextlib.asynccontextmanager
+async def _http_server(
+    site: SiteConfig, settings: Settings, endpoints: Endpoints, roles: frozenset[Role]
+) -> AsyncIterator[web.AppRunner]:
+    app = create_app(site, settings, endpoints, roles=roles, clock=SystemClock())
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _simulator_process(site: SiteConfig, settings: Settings, *, speed: float) -> AsyncIterator[None]:
+    """Start ``python -m simulators`` for the site, wait until it listens, stop it on exit."""
+    document = await asyncio.to_thread(write_normalized_site, site, settings.data_dir)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators",
+        "--site",
+        str(document),
+        "--speed",
+        str(speed),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,  # our Ctrl-C is not theirs: we stop them
+    )
+    try:
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(SIMULATOR_READY_TIMEOUT_S):
+                while not (line := (await proc.stdout.readline()).decode()).startswith("SIMULATORS READY"):
+                    if not line:
+                        raise ScadaError(f"simulators exited with code {await proc.wait()} before ready")
+        except TimeoutError:
+            raise ScadaError(f"simulators not ready after {SIMULATOR_READY_TIMEOUT_S:.0f} s") from None
+        _LOGGER.info("simulators: %s", line.strip())
+        yield
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(SIMULATOR_STOP_TIMEOUT_S):
+                    await proc.wait()
+            except TimeoutError:
+                _LOGGER.warning("simulators did not stop within %.0f s; killing", SIMULATOR_STOP_TIMEOUT_S)
+                proc.kill()
+                await proc.wait()
+
+
+def _announce(runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, *, demo: bool) -> None:
+    host, port = _bound_address(runner)
+    base = f"http://{host}:{port}"
+    first = site.devices[0].point_id(site.devices[0].points[0].key) if site.devices else "<point>"
+    lines = [
+        f"CarbonOS SCADA {__version__} serving site {site.site.id!r} ({len(site.devices)} devices)",
+        f"  health     {base}/api/v1/health",
+        f"  devices    {base}/api/v1/devices",
+        f"  latest     {base}/api/v1/points/{first}/latest",
+        f"  history    {base}/api/v1/points/{first}/history",
+        f"  websocket  ws://{host}:{port}/api/v1/ws",
+        f"  services   {', '.join(f'{k}: {v}' for k, v in endpoints.origins.items())}",
+        "Press Ctrl-C to stop." if demo else "Send SIGINT or SIGTERM to stop.",
+    ]
+    print("\n".join(lines), flush=True)  # noqa: T201 -- the demo's user-facing output
+
+
+def _bound_address(runner: web.AppRunner) -> tuple[str, int]:
+    for address in runner.addresses:
+        host, port = address[:2]
+        return str(host), int(port)
+    raise ScadaError("the HTTP server is not listening")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
