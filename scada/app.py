@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from aiohttp import web
 
 from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
 from scada.api.problem import problem_middleware
-from scada.api.routes import CATALOG, HUB, SERVICE_ORIGINS, STORE, add_routes
+from scada.api.routes import CATALOG, DEADLETTER, HUB, SERVICE_ORIGINS, STORE, DeadLetterView, add_routes
 from scada.catalog import SiteCatalog, sync_catalog
 from scada.config import DeviceConfig, Protocol, SiteConfig
 from scada.db import create_pool, migrate
@@ -151,6 +151,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     try:
         await client.ping()
         app[_REDIS] = client
+        app[DEADLETTER] = DeadLetterView(
+            client, stream_key(settings.stream_prefix, StreamName.DEADLETTER), settings.service_timeout_s
+        )
         yield
     finally:
         await client.aclose()

@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # Sessions log each device's transitions once; pymodbus would log every failed reconnect again.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,10 +103,8 @@ def _cmd_check(args: argparse.Namespace, _settings: Settings) -> int:
     site = load_site(args.file)
     nodes = sum(1 for _ in site.iter_nodes())
     points = sum(len(d.points) for d in site.devices)
-    print(
-        f"{args.file}: OK: site {site.site.id!r}: {nodes} nodes, {len(site.devices)} devices, "  # noqa: T201
-        f"{points} points"
-    )
+    summary = f"{nodes} nodes, {len(site.devices)} devices, {points} points"
+    print(f"{args.file}: OK: site {site.site.id!r}: {summary}")  # noqa: T201 -- CLI output
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ inherits its points (and may add its own). After loading, every device carries i
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import zoneinfo
 from collections.abc import Iterator, Mapping
@@ -71,10 +72,15 @@ _UNITS_BY_KIND: Mapping[PointKind, frozenset[Unit]] = {
 }
 """Units each point kind may be measured in: a kWh counter configured as kW is a typo, not a choice."""
 
-_KINDS_NEEDING_CARRIER = frozenset({
-    PointKind.ENERGY_COUNTER, PointKind.GAS_FLOW, PointKind.GAS_COUNTER, PointKind.FUEL_COUNTER,
-    PointKind.HEAT_FLOW,
-})
+_KINDS_NEEDING_CARRIER = frozenset(
+    {
+        PointKind.ENERGY_COUNTER,
+        PointKind.GAS_FLOW,
+        PointKind.GAS_COUNTER,
+        PointKind.FUEL_COUNTER,
+        PointKind.HEAT_FLOW,
+    }
+)
 
 
 class Protocol(enum.StrEnum):
@@ -133,7 +139,9 @@ class PointConfig(_Frozen):
     def _check_point(self) -> Self:
         if self.unit not in _UNITS_BY_KIND[self.kind]:
             allowed = ", ".join(sorted(u.value for u in _UNITS_BY_KIND[self.kind]))
-            raise ValueError(f"unit {self.unit.value!r} does not fit kind {self.kind.value!r} (use {allowed})")
+            raise ValueError(
+                f"unit {self.unit.value!r} does not fit kind {self.kind.value!r} (use {allowed})"
+            )
         if self.kind in _KINDS_NEEDING_CARRIER and self.carrier is Carrier.NONE:
             raise ValueError(f"a {self.kind.value} point needs a carrier (electricity, natural_gas, heat...)")
         if self.scale == 0:
@@ -233,9 +241,9 @@ def load_site(path: str | Path) -> SiteConfig:
 
 
 def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
-    """Validate a site document given as YAML text.
+    r"""Validate a site document given as YAML text.
 
-    >>> parse_site("site: {id: s, name: S}\\nhierarchy: []")
+    >>> parse_site("site: {id: s, name: S}\nhierarchy: []")
     Traceback (most recent call last):
     ...
     scada.model.ConfigError: <site>: hierarchy: List should have at least 1 item after validation, not 0
@@ -268,6 +276,21 @@ class _FieldError(Exception):
 
 def _expand_and_check(site: SiteConfig) -> SiteConfig:
     """Expand templates and run the checks that span several fields."""
+    nodes = _check_hierarchy(site)
+    devices: list[DeviceConfig] = []
+    seen_devices: set[str] = set()
+    for index, device in enumerate(site.devices):
+        where = f"devices[{index}]"
+        if device.id in seen_devices:
+            raise _FieldError(f"{where}.id", f"duplicate device id {device.id!r}")
+        seen_devices.add(device.id)
+        if device.node not in nodes:
+            raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
+        devices.append(_expand_device(site, device, where))
+    return site.model_copy(update={"devices": tuple(devices)})
+
+
+def _check_hierarchy(site: SiteConfig) -> dict[str, NodeConfig]:
     nodes: dict[str, NodeConfig] = {}
     for root_index, root in enumerate(site.hierarchy):
         if root.level is not NodeLevel.GROUP:
@@ -282,42 +305,37 @@ def _expand_and_check(site: SiteConfig) -> SiteConfig:
                     f"hierarchy: node {child.id!r}",
                     f"a {child.level.value} cannot sit under the {node.level.value} {node.id!r}",
                 )
+    return nodes
 
-    devices: list[DeviceConfig] = []
-    seen_devices: set[str] = set()
-    for index, device in enumerate(site.devices):
-        where = f"devices[{index}]"
-        if device.id in seen_devices:
-            raise _FieldError(f"{where}.id", f"duplicate device id {device.id!r}")
-        seen_devices.add(device.id)
-        if device.node not in nodes:
-            raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
-        points = list(device.points)
-        if device.template is not None:
-            template = site.templates.get(device.template)
-            if template is None:
-                raise _FieldError(f"{where}.template", f"unknown template {device.template!r}")
-            points = [*template.points, *points]
-        if not points:
-            raise _FieldError(f"{where}.points", "a device needs at least one point (or a template)")
-        keys: set[str] = set()
-        for p_index, point in enumerate(points):
-            if point.key in keys:
-                raise _FieldError(f"{where}.points", f"duplicate point key {point.key!r}")
-            keys.add(point.key)
-            if device.protocol is Protocol.MODBUS_TCP and point.modbus is None:
-                raise _FieldError(f"{where}.points[{p_index}] ({point.key})",
-                                  "a point of a modbus_tcp device needs a 'modbus' section")
-        _check_register_overlaps(where, points)
-        devices.append(device.model_copy(update={"points": tuple(points), "template": None}))
-    return site.model_copy(update={"devices": tuple(devices)})
+
+def _expand_device(site: SiteConfig, device: DeviceConfig, where: str) -> DeviceConfig:
+    points = list(device.points)
+    if device.template is not None:
+        template = site.templates.get(device.template)
+        if template is None:
+            raise _FieldError(f"{where}.template", f"unknown template {device.template!r}")
+        points = [*template.points, *points]
+    if not points:
+        raise _FieldError(f"{where}.points", "a device needs at least one point (or a template)")
+    keys: set[str] = set()
+    for p_index, point in enumerate(points):
+        if point.key in keys:
+            raise _FieldError(f"{where}.points", f"duplicate point key {point.key!r}")
+        keys.add(point.key)
+        if device.protocol is Protocol.MODBUS_TCP and point.modbus is None:
+            raise _FieldError(
+                f"{where}.points[{p_index}] ({point.key})",
+                "a point of a modbus_tcp device needs a 'modbus' section",
+            )
+    _check_register_overlaps(where, points)
+    return device.model_copy(update={"points": tuple(points), "template": None})
 
 
 def _check_register_overlaps(where: str, points: list[PointConfig]) -> None:
     spans = sorted(
         (p.modbus.table.value, p.modbus.address, p.modbus.end, p.key) for p in points if p.modbus is not None
     )
-    for (table_a, _, end_a, key_a), (table_b, start_b, _, key_b) in zip(spans, spans[1:], strict=False):
+    for (table_a, _, end_a, key_a), (table_b, start_b, _, key_b) in itertools.pairwise(spans):
         if table_a == table_b and start_b < end_a:
             raise _FieldError(f"{where}.points", f"registers of {key_a!r} and {key_b!r} overlap in {table_a}")
 

@@ -136,12 +136,12 @@ class Unit(enum.StrEnum):
 class PointKind(enum.StrEnum):
     """What a point measures; decides how later stages (ledger, rollups) treat its values."""
 
-    POWER = "power"                      # instantaneous power (kW): integrated over time for energy
-    ENERGY_COUNTER = "energy_counter"    # monotonically increasing counter (kWh, GJ), may wrap or reset
-    GAS_FLOW = "gas_flow"                # instantaneous flow (Nm3/h)
-    GAS_COUNTER = "gas_counter"          # cumulative volume (Nm3)
-    FUEL_COUNTER = "fuel_counter"        # cumulative mass (t) of a liquid or solid fuel
-    HEAT_FLOW = "heat_flow"              # instantaneous heat (GJ/h)
+    POWER = "power"  # instantaneous power (kW): integrated over time for energy
+    ENERGY_COUNTER = "energy_counter"  # monotonically increasing counter (kWh, GJ), may wrap or reset
+    GAS_FLOW = "gas_flow"  # instantaneous flow (Nm3/h)
+    GAS_COUNTER = "gas_counter"  # cumulative volume (Nm3)
+    FUEL_COUNTER = "fuel_counter"  # cumulative mass (t) of a liquid or solid fuel
+    HEAT_FLOW = "heat_flow"  # instantaneous heat (GJ/h)
     TEMPERATURE = "temperature"
     VOLTAGE = "voltage"
     CURRENT = "current"
@@ -150,16 +150,16 @@ class PointKind(enum.StrEnum):
     STATE_OF_CHARGE = "state_of_charge"
     IRRADIANCE = "irradiance"
     PRESSURE = "pressure"
-    SETPOINT = "setpoint"                # writable target (dispatch writes these)
-    STATUS = "status"                    # discrete state (on/off, run/stop, fault codes)
+    SETPOINT = "setpoint"  # writable target (dispatch writes these)
+    STATUS = "status"  # discrete state (on/off, run/stop, fault codes)
 
 
 class Carrier(enum.StrEnum):
     """The energy carrier a point measures, which picks its emission factor in the ledger."""
 
     ELECTRICITY = "electricity"
-    PV = "pv"                            # on-site photovoltaic generation: zero emission
-    STORAGE = "storage"                  # battery throughput: carries the intensity of what charged it
+    PV = "pv"  # on-site photovoltaic generation: zero emission
+    STORAGE = "storage"  # battery throughput: carries the intensity of what charged it
     NATURAL_GAS = "natural_gas"
     DIESEL = "diesel"
     GASOLINE = "gasoline"
@@ -167,8 +167,8 @@ class Carrier(enum.StrEnum):
     LPG = "lpg"
     COAL = "coal"
     COKE = "coke"
-    HEAT = "heat"                        # purchased heat or steam
-    NONE = "none"                        # not an energy measurement (temperature, status...)
+    HEAT = "heat"  # purchased heat or steam
+    NONE = "none"  # not an energy measurement (temperature, status...)
 
 
 class DeviceKind(enum.StrEnum):
@@ -190,10 +190,10 @@ class DeviceKind(enum.StrEnum):
 class NodeLevel(enum.StrEnum):
     """Levels of the account hierarchy, from the top down."""
 
-    GROUP = "group"            # 集团
-    PARK = "park"              # 园区
+    GROUP = "group"  # 集团
+    PARK = "park"  # 园区
     ENTERPRISE = "enterprise"  # 企业
-    WORKSHOP = "workshop"      # 车间
+    WORKSHOP = "workshop"  # 车间
 
     @property
     def depth(self) -> int:
@@ -433,8 +433,9 @@ class ReadingStore(Protocol):
     async def latest(self, point: PointId) -> Reading | None:
         """Return the newest stored reading of a point, or None if it has none yet."""
 
-    async def history(self, point: PointId, start: datetime, end: datetime, *,
-                      limit: int) -> Sequence[Reading]:
+    async def history(
+        self, point: PointId, start: datetime, end: datetime, *, limit: int
+    ) -> Sequence[Reading]:
         """Return stored readings with ``start <= ts < end``, oldest first, at most ``limit``."""
 
 

@@ -17,9 +17,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["Backoff", "FakeClock", "SystemClock", "TaskSupervisor"]
+__all__ = ["Backoff", "FakeClock", "SystemClock", "TaskSupervisor", "raise_if_cancelling"]
 
 _LOGGER = logging.getLogger(__name__)
+
+_RECANCEL_INTERVAL_S = 0.5
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation of the current task that a library swallowed.
+
+    On Python 3.11 ``asyncio.wait_for`` (used inside asyncpg and pymodbus) returns the result and
+    drops a ``cancel()`` that lands in the same loop turn as the answer (CPython gh-86296). Long
+    loops call this once per iteration so shutdown cannot be lost that way.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class SystemClock:
@@ -82,6 +96,17 @@ class FakeClock:
         heapq.heappush(self._sleepers, (self._now_s + delay_s, next(self._seq), future))
         await future
 
+    @property
+    def pending_sleepers(self) -> int:
+        """Return how many tasks are waiting on this clock."""
+        return sum(1 for _, _, future in self._sleepers if not future.done())
+
+    @property
+    def next_deadline_s(self) -> float | None:
+        """Return the monotonic time the next sleeper wakes at, or None if nobody sleeps."""
+        pending = [deadline for deadline, _, future in self._sleepers if not future.done()]
+        return min(pending) if pending else None
+
     async def advance(self, seconds: float, *, settle_rounds: int = 20) -> None:
         """Move time forward by ``seconds``, waking sleepers in order and letting them run."""
         target = self._now_s + seconds
@@ -103,10 +128,10 @@ class FakeClock:
 
 @dataclass(slots=True)
 class Backoff:
-    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
-    and Jitter"): spreads reconnect storms when many devices drop at once.
+    """Capped exponential backoff with full jitter: spreads reconnects when many devices drop at once.
 
-    The n-th delay is uniform in ``[initial_s * m**n * (1 - jitter), initial_s * m**n]``, capped
+    This is the "full jitter" variant of the AWS architecture blog's "Exponential Backoff and
+    Jitter". The n-th delay is uniform in ``[initial_s * m**n * (1 - jitter), initial_s * m**n]``, capped
     at ``max_s``.
 
     >>> b = Backoff(initial_s=1.0, max_s=8.0, multiplier=2.0, jitter=0.0)
@@ -175,10 +200,20 @@ class TaskSupervisor:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Cancel every task and wait for them to finish (at most ``timeout_s``)."""
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
         if tasks:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                    while pending := [t for t in tasks if not t.done()]:
+                        for task in pending:
+                            task.cancel()  # again each round: a library may have swallowed the last one
+                        await asyncio.wait(pending, timeout=_RECANCEL_INTERVAL_S)
+            stuck = sorted(t.get_name() for t in tasks if not t.done())
+            if stuck:
+                _LOGGER.error(
+                    "%s: %d tasks ignored cancellation for %.0f s: %s",
+                    self._name,
+                    len(stuck),
+                    timeout_s,
+                    ", ".join(stuck),
+                )
         self._tasks.clear()

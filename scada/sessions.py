@@ -30,7 +30,7 @@ from scada.model import (
     Reading,
     ReadingSink,
 )
-from scada.runtime import Backoff
+from scada.runtime import Backoff, raise_if_cancelling
 
 __all__ = ["DeviceSession", "SessionStats"]
 
@@ -96,7 +96,7 @@ class DeviceSession:
                     await self._poll_forever()
                 except (DeviceError, TimeoutError) as err:
                     await self._went_offline(_describe(err))
-                except Exception as err:  # noqa: BLE001 -- a driver bug must not take the plant down
+                except Exception as err:
                     _LOGGER.exception("%s: session error; reconnecting", self.device)
                     await self._went_offline(f"internal error: {err!r}")
                 finally:
@@ -108,6 +108,7 @@ class DeviceSession:
     async def _poll_forever(self) -> None:
         next_tick_s = self._clock.monotonic()
         while True:
+            raise_if_cancelling()
             async with asyncio.timeout(self._poll_timeout_s):
                 readings = await self._driver.read()
             self.stats.polls_ok += 1

@@ -55,10 +55,10 @@ class Settings(BaseModel):
 
         >>> Settings.from_env({"SCADA_HTTP_PORT": "9000"}).http_port
         9000
-        >>> Settings.from_env({"SCADA_HTTP_PORT": "x"})
+        >>> Settings.from_env({"SCADA_HTTP_PORT": "-1"})
         Traceback (most recent call last):
         ...
-        scada.model.ConfigError: SCADA_HTTP_PORT: Input should be a valid integer, unable to parse string as an integer
+        scada.model.ConfigError: SCADA_HTTP_PORT: Input should be greater than or equal to 0
         """
         env = os.environ if environ is None else environ
         raw = {

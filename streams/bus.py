@@ -42,7 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from scada.model import AvailabilityEvent, Clock, DecodeError, Reading, StreamName
-from scada.runtime import Backoff, SystemClock
+from scada.runtime import Backoff, SystemClock, raise_if_cancelling
 from streams.codec import decode_readings, encode_event, encode_readings, encode_row, fields_from_rows
 
 __all__ = [
@@ -212,6 +212,7 @@ class RedisReadingSink:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelling()
             if not self._rows and not self._events:
                 if self._closing:
                     return
@@ -402,6 +403,7 @@ class _ConsumerLoop:
         group_ready = False
         next_claim_s = -math.inf
         while True:
+            raise_if_cancelling()
             try:
                 if not group_ready:
                     await self._create_group()

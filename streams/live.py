@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from scada.model import AvailabilityEvent, DecodeError, DeviceId, PointId, Reading
-from scada.runtime import Backoff
+from scada.runtime import Backoff, raise_if_cancelling
 from streams.codec import decode_event, decode_readings
 
 __all__ = ["LiveHub", "Subscription", "run_live_feed"]
@@ -129,6 +129,7 @@ async def run_live_feed(
     backoff = Backoff(initial_s=0.2, max_s=10.0)
     healthy = True
     while True:
+        raise_if_cancelling()
         try:
             if not last_ids:  # explicit ids, not "$": "$" between two XREADs would miss entries
                 last_ids = {key: await _last_id(redis, key, timeout_s) for key in (readings_key, events_key)}

@@ -46,14 +46,14 @@ def pg_database() -> Iterator[str]:
 
 
 @pytest.fixture
-async def pg_url(pg_database: str) -> AsyncIterator[str]:
+async def pg_url(pg_database: str) -> str:
     """A database URL whose schema is emptied before each test (tables of earlier tests removed)."""
     conn = await asyncpg.connect(pg_database, timeout=10)
     try:
         await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
     finally:
         await conn.close()
-    yield pg_database
+    return pg_database
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ __all__ = ["ByteOrder", "DataType", "ModbusDeviceConfig", "ModbusPointConfig", "
 class RegisterTable(enum.StrEnum):
     """The four Modbus data tables."""
 
-    HOLDING = "holding"            # 4x, read/write 16-bit registers (FC 3, 6, 16)
-    INPUT = "input"                # 3x, read-only 16-bit registers (FC 4)
-    COIL = "coil"                  # 0x, read/write bits (FC 1, 5, 15)
+    HOLDING = "holding"  # 4x, read/write 16-bit registers (FC 3, 6, 16)
+    INPUT = "input"  # 3x, read-only 16-bit registers (FC 4)
+    COIL = "coil"  # 0x, read/write bits (FC 1, 5, 15)
     DISCRETE_INPUT = "discrete_input"  # 1x, read-only bits (FC 2)
 
     @property
@@ -60,8 +60,15 @@ class DataType(enum.StrEnum):
 
 
 _REGISTER_COUNT = {
-    DataType.BOOL: 1, DataType.INT16: 1, DataType.UINT16: 1, DataType.INT32: 2, DataType.UINT32: 2,
-    DataType.INT64: 4, DataType.UINT64: 4, DataType.FLOAT32: 2, DataType.FLOAT64: 4,
+    DataType.BOOL: 1,
+    DataType.INT16: 1,
+    DataType.UINT16: 1,
+    DataType.INT32: 2,
+    DataType.UINT32: 2,
+    DataType.INT64: 4,
+    DataType.UINT64: 4,
+    DataType.FLOAT32: 2,
+    DataType.FLOAT64: 4,
 }
 
 

@@ -64,42 +64,33 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
-    except ApiProblem as problem:
-        return problem_response(problem, instance=request.path, request_id=request_id)
-    except NotFound as err:
-        return problem_response(
-            ApiProblem(404, "Not found", str(err)), instance=request.path, request_id=request_id
-        )
-    except ConfigError as err:
-        return problem_response(
-            ApiProblem(400, "Invalid request", str(err)), instance=request.path, request_id=request_id
-        )
-    except ServiceError as err:
-        _LOGGER.warning("request %s: service unavailable: %s", request_id, err)
-        return problem_response(
-            ApiProblem(503, "Service unavailable", str(err)), instance=request.path, request_id=request_id
-        )
     except web.HTTPException as http:
         if http.status < 400:
             raise
+        problem = ApiProblem(http.status, http.reason or "Error", http.text or http.reason or "")
+        return problem_response(problem, instance=request.path, request_id=request_id)
+    except Exception as err:  # noqa: BLE001 -- mapped below; the unexpected ones are logged, never leaked
         return problem_response(
-            ApiProblem(http.status, http.reason or "Error", http.text or http.reason or ""),
-            instance=request.path,
-            request_id=request_id,
-        )
-    except TimeoutError:
-        _LOGGER.warning("request %s: timed out", request_id)
-        return problem_response(
-            ApiProblem(503, "Service unavailable", "a backing service timed out"),
-            instance=request.path,
-            request_id=request_id,
-        )
-    except Exception:  # noqa: BLE001 -- the last line of defence: log it, never leak a traceback
-        _LOGGER.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
-        return problem_response(
-            ApiProblem(500, "Internal error", "the server failed; see its log", slug="internal-error"),
-            instance=request.path,
-            request_id=request_id,
+            _problem_for(err, request, request_id), instance=request.path, request_id=request_id
         )
     response.headers.setdefault("X-Request-Id", request_id)
     return response
+
+
+def _problem_for(err: Exception, request: web.Request, request_id: str) -> ApiProblem:
+    """Translate an exception from a handler into the problem the client sees."""
+    match err:
+        case ApiProblem():
+            return err
+        case NotFound():
+            return ApiProblem(404, "Not found", str(err))
+        case ConfigError():
+            return ApiProblem(400, "Invalid request", str(err))
+        case ServiceError() | TimeoutError():
+            _LOGGER.warning("request %s: service unavailable: %r", request_id, err)
+            return ApiProblem(503, "Service unavailable", str(err) or "a backing service timed out")
+        case _:
+            _LOGGER.error(
+                "request %s: unhandled error on %s %s", request_id, request.method, request.path, exc_info=err
+            )
+            return ApiProblem(500, "Internal error", "the server failed; see its log", slug="internal-error")

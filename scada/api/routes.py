@@ -11,19 +11,32 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from scada import __version__
 from scada.api.problem import ApiProblem
 from scada.catalog import PointEntry, SiteCatalog
 from scada.config import NodeConfig
-from scada.model import UTC, DeviceId, PointId, Reading, ReadingStore
+from scada.model import UTC, DeviceId, PointId, Reading, ReadingStore, ServiceError
+from streams.bus import read_deadletter
 from streams.live import LiveHub, Subscription
 
-__all__ = ["CATALOG", "HUB", "SERVICE_ORIGINS", "STORE", "add_routes", "reading_json"]
+__all__ = [
+    "CATALOG",
+    "DEADLETTER",
+    "HUB",
+    "SERVICE_ORIGINS",
+    "STORE",
+    "DeadLetterView",
+    "add_routes",
+    "reading_json",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +44,18 @@ CATALOG = web.AppKey("catalog", SiteCatalog)
 STORE = web.AppKey("store", ReadingStore)
 HUB = web.AppKey("hub", LiveHub)
 SERVICE_ORIGINS = web.AppKey("service_origins", dict[str, str])
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterView:
+    """Where the dead-letter stream lives, so operators can see what was set aside and why."""
+
+    redis: aioredis.Redis
+    key: str
+    timeout_s: float
+
+
+DEADLETTER = web.AppKey("deadletter", DeadLetterView)
 
 HISTORY_MAX_ROWS = 100_000
 HISTORY_DEFAULT_SPAN = timedelta(hours=1)
@@ -47,6 +72,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/points/{point_id}", point)
     app.router.add_get("/api/v1/points/{point_id}/latest", latest)
     app.router.add_get("/api/v1/points/{point_id}/history", history)
+    app.router.add_get("/api/v1/deadletter", deadletter)
     app.router.add_get("/api/v1/ws", websocket)
 
 
@@ -100,7 +126,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def site(request: web.Request) -> web.Response:
-    """The site and its hierarchy tree."""
+    """Return the site and its hierarchy tree."""
     cfg = request.app[CATALOG].site
     return web.json_response(
         {
@@ -152,7 +178,7 @@ async def point(request: web.Request) -> web.Response:
 
 
 async def latest(request: web.Request) -> web.Response:
-    """The newest reading of a point: from the live hub, else from the historian."""
+    """Return the newest reading of a point: from the live hub, else from the historian."""
     entry = request.app[CATALOG].point(request.match_info["point_id"])
     reading = request.app[HUB].latest(entry.id)
     if reading is None:
@@ -163,7 +189,7 @@ async def latest(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    """Stored readings of a point in ``[start, end)``, oldest first, at most ``limit`` rows."""
+    """Return stored readings of a point in ``[start, end)``, oldest first, at most ``limit`` rows."""
     entry = request.app[CATALOG].point(request.match_info["point_id"])
     query = request.query
     end = _parse_time(query, "end") or datetime.now(UTC)
@@ -182,6 +208,17 @@ async def history(request: web.Request) -> web.Response:
             "truncated": len(rows) >= limit,
         }
     )
+
+
+async def deadletter(request: web.Request) -> web.Response:
+    """Return the newest dead-letter entries (``?limit=``, default 100): poison input with its reason."""
+    view = request.app[DEADLETTER]
+    limit = _parse_int(request.query, "limit", default=100, low=1, high=10_000)
+    try:
+        entries = await read_deadletter(view.redis, view.key, limit, timeout_s=view.timeout_s)
+    except RedisError as err:
+        raise ServiceError(f"Redis: {err}") from err
+    return web.json_response({"items": entries})
 
 
 def _parse_time(query: Mapping[str, str], name: str) -> datetime | None:

@@ -55,7 +55,10 @@ def test_example_plant_is_valid_and_realistic() -> None:
 
 
 def test_template_points_are_expanded_and_extra_points_appended() -> None:
-    text = BASE + "    points: [{key: temperature_degc, kind: temperature, unit: degC, modbus: {address: 10, type: int16}}]\n"
+    text = (
+        BASE
+        + "    points: [{key: temperature_degc, kind: temperature, unit: degC, modbus: {address: 10, type: int16}}]\n"
+    )
     device = parse_site(text).devices[0]
     assert [p.key for p in device.points] == ["active_power_kw", "energy_import_kwh", "temperature_degc"]
     assert device.template is None
@@ -71,18 +74,33 @@ def test_normalized_document_round_trips() -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("unit_id: 3", "unit_id: 300"), "devices[0] (m1).modbus.unit_id: Input should be less than or equal to 255"),
+        (
+            ("unit_id: 3", "unit_id: 300"),
+            "devices[0] (m1).modbus.unit_id: Input should be less than or equal to 255",
+        ),
         (("kind: power_meter", "kind: toaster"), "devices[0] (m1).kind: Input should be"),
         (("node: w", "node: nowhere"), "devices[0].node: unknown node 'nowhere'"),
         (("template: meter", "template: nope"), "devices[0].template: unknown template 'nope'"),
         (("timezone: Asia/Shanghai", "timezone: Mars/Olympus"), "site.timezone"),
-        (("unit: kW,", "unit: kWh,"), "templates.meter.points[0] (active_power_kw): unit 'kWh' does not fit kind 'power'"),
-        (("type: float32}", "type: bool}"), "templates.meter.points[0] (active_power_kw).modbus: Value error"),
+        (
+            ("unit: kW,", "unit: kWh,"),
+            "templates.meter.points[0] (active_power_kw): unit 'kWh' does not fit kind 'power'",
+        ),
+        (
+            ("type: float32}", "type: bool}"),
+            "templates.meter.points[0] (active_power_kw).modbus: Value error",
+        ),
         (("id: m1", "id: M1!"), "devices[0] (M1!).id: String should match pattern"),
         (("level: park", "level: enterprise"), "a enterprise cannot sit under the group 'g'"),
-        (("address: 2, type: uint32", "address: 1, type: uint32"), "registers of 'active_power_kw' and 'energy_import_kwh' overlap"),
+        (
+            ("address: 2, type: uint32", "address: 1, type: uint32"),
+            "registers of 'active_power_kw' and 'energy_import_kwh' overlap",
+        ),
         (("carrier: electricity, scale", "scale"), "needs a carrier"),
-        (("    protocol: modbus_tcp\n", "    protocol: modbus_tcp\n    colour: blue\n"), "devices[0] (m1).colour: Extra inputs are not permitted"),
+        (
+            ("    protocol: modbus_tcp\n", "    protocol: modbus_tcp\n    colour: blue\n"),
+            "devices[0] (m1).colour: Extra inputs are not permitted",
+        ),
     ],
 )
 def test_bad_field_is_named(change: tuple[str, str], expected: str) -> None:
@@ -96,18 +114,20 @@ def test_bad_field_is_named(change: tuple[str, str], expected: str) -> None:
 
 
 def test_duplicate_ids_are_rejected() -> None:
-    device = BASE[BASE.index("  - id: m1"):]
+    device = BASE[BASE.index("  - id: m1") :]
     with pytest.raises(ConfigError, match=r"devices\[1\]\.id: duplicate device id 'm1'"):
         parse_site(BASE + device)
 
 
 def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         site: {id: s, name: S}
         hierarchy: [
           {id: g, name: G, level: group
-        """))
+        """)
+    )
     with pytest.raises(ConfigError, match=r"broken\.yaml:\d+:\d+: not valid YAML"):
         load_site(path)
 

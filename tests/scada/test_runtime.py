@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scada.runtime import Backoff, FakeClock, TaskSupervisor
+from scada.runtime import Backoff, FakeClock, TaskSupervisor, raise_if_cancelling
 
 
 @given(
@@ -22,7 +23,9 @@ from scada.runtime import Backoff, FakeClock, TaskSupervisor
 def test_backoff_delays_stay_within_cap_and_jitter_band(
     initial_s: float, factor: float, cap: float, jitter: float, seed: int
 ) -> None:
-    backoff = Backoff(initial_s=initial_s, max_s=cap, multiplier=factor, jitter=jitter, rng=random.Random(seed))
+    backoff = Backoff(
+        initial_s=initial_s, max_s=cap, multiplier=factor, jitter=jitter, rng=random.Random(seed)
+    )
     for attempt in range(40):
         ceiling = min(cap, initial_s * factor**attempt)
         delay = backoff.next_delay()
@@ -30,7 +33,9 @@ def test_backoff_delays_stay_within_cap_and_jitter_band(
 
 
 def test_backoff_jitter_spreads_simultaneous_reconnects() -> None:
-    delays = {round(Backoff(initial_s=1, max_s=30, rng=random.Random(seed)).next_delay(), 6) for seed in range(50)}
+    delays = {
+        round(Backoff(initial_s=1, max_s=30, rng=random.Random(seed)).next_delay(), 6) for seed in range(50)
+    }
     assert len(delays) > 40  # fifty devices that dropped together do not come back together
 
 
@@ -82,3 +87,42 @@ async def test_supervisor_logs_crash_and_cancels_the_rest(caplog: pytest.LogCapt
     await supervisor.close()
     assert cancelled.is_set()
     assert len(supervisor) == 0
+
+
+async def test_supervisor_cancels_again_a_task_that_swallowed_its_cancellation() -> None:
+    supervisor = TaskSupervisor("test")
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # what asyncio.wait_for does on 3.11 when a reply races the cancel
+            swallowed.set()
+        await asyncio.sleep(3600)
+
+    task = supervisor.spawn(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await supervisor.close(timeout_s=5)
+    assert swallowed.is_set()
+    assert task.cancelled()
+    assert loop.time() - started < 2
+
+
+async def test_raise_if_cancelling_restores_a_lost_cancellation() -> None:
+    reached_loop_top = asyncio.Event()
+
+    async def loop_body() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed by a library...
+            await asyncio.sleep(3600)
+        reached_loop_top.set()
+        raise_if_cancelling()  # ...and raised again at the top of the next iteration
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(loop_body())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reached_loop_top.is_set()

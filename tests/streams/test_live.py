@@ -57,7 +57,9 @@ def test_availability_keeps_the_newest_event() -> None:
     hub = LiveHub()
     device = DeviceId("m1")
     hub.publish_event(AvailabilityEvent(device=device, ts=T0, availability=Availability.OFFLINE, reason="x"))
-    hub.publish_event(AvailabilityEvent(device=device, ts=T0 - timedelta(1), availability=Availability.ONLINE))
+    hub.publish_event(
+        AvailabilityEvent(device=device, ts=T0 - timedelta(1), availability=Availability.ONLINE)
+    )
     assert hub.availability[device].availability is Availability.OFFLINE
 
 
@@ -65,15 +67,29 @@ async def test_feed_follows_the_streams(redis_client: aioredis.Redis, stream_pre
     hub = LiveHub()
     readings_key = stream_key(stream_prefix, StreamName.READINGS)
     events_key = stream_key(stream_prefix, StreamName.EVENTS)
-    task = asyncio.create_task(run_live_feed(redis_client, hub, readings_key=readings_key,
-                                             events_key=events_key, block_ms=100))
+    task = asyncio.create_task(
+        run_live_feed(redis_client, hub, readings_key=readings_key, events_key=events_key, block_ms=100)
+    )
     try:
         await asyncio.sleep(0.3)  # the feed starts at the streams' ends
         await redis_client.xadd(readings_key, {b"garbage": b"entry"})  # skipped, feed keeps going
-        await redis_client.xadd(readings_key, encode_readings(
-            [reading(P1, 42.0), Reading(point=P2, ts=T0, value=None, quality=Quality.bad("device offline"))]))
-        await redis_client.xadd(events_key, encode_event(AvailabilityEvent(
-            device=DeviceId("m2"), ts=T0, availability=Availability.OFFLINE, reason="refused")))
+        await redis_client.xadd(
+            readings_key,
+            encode_readings(
+                [
+                    reading(P1, 42.0),
+                    Reading(point=P2, ts=T0, value=None, quality=Quality.bad("device offline")),
+                ]
+            ),
+        )
+        await redis_client.xadd(
+            events_key,
+            encode_event(
+                AvailabilityEvent(
+                    device=DeviceId("m2"), ts=T0, availability=Availability.OFFLINE, reason="refused"
+                )
+            ),
+        )
         async with asyncio.timeout(5):
             while hub.latest(P2) is None or DeviceId("m2") not in hub.availability:
                 await asyncio.sleep(0.02)

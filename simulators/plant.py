@@ -1,0 +1,341 @@
+"""A simulated plant: every device of a normalized site document, served over Modbus TCP.
+
+The plant reads the *normalized site document* (``SiteConfig.model_dump(mode="json")`` after the
+site file is loaded: templates expanded, every device with its full ``points``), builds one physics
+object per device and one :class:`~simulators.modbus_server.ModbusEndpoint` per (host, port), and
+runs one tick task that moves simulated time on and refreshes the register images.
+
+Simulated time is ``start + speed * (real time since start())``, so a demo can run a day in minutes
+while counters still integrate consistently. The simulators never import the server's config
+models (import-linter): the document is checked here, and errors name the field the way the site
+loader does (``devices[2] (b-line-1).points[0].modbus.type: ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from scada.model import DeviceKind, utc_now
+from simulators.modbus_server import ModbusEndpoint, SimulatedPoint, SimulatedUnit
+from simulators.physics import PROFILES, DevicePhysics, SimulationParams, make_physics
+
+__all__ = ["DEFAULT_TICK_S", "DocumentError", "SimulatedDevice", "SimulatedPlant"]
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_TICK_S = 0.2
+"""Real seconds between physics steps."""
+
+
+class DocumentError(ValueError):
+    """The site document cannot be simulated; the message starts with the path of the bad field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatedDevice:
+    """One device of the plant: where it listens and what it simulates."""
+
+    device_id: str
+    kind: DeviceKind
+    host: str
+    port: int
+    unit_id: int
+    physics: DevicePhysics
+    points: tuple[SimulatedPoint, ...]
+
+
+class SimulatedPlant:
+    """Every simulated device of a site, with their Modbus endpoints and one clock of their own."""
+
+    def __init__(
+        self,
+        devices: Sequence[SimulatedDevice],
+        *,
+        start: datetime,
+        speed: float = 1.0,
+        tick_s: float = DEFAULT_TICK_S,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        if tick_s <= 0:
+            raise ValueError("tick_s must be positive")
+        if start.tzinfo is None:
+            raise ValueError("start must be timezone-aware")
+        self._devices = {d.device_id: d for d in devices}
+        self._start = start
+        self._speed = speed
+        self._tick_s = tick_s
+        by_address: dict[tuple[str, int], list[SimulatedUnit]] = {}
+        for d in devices:
+            unit = SimulatedUnit(d.device_id, d.unit_id, d.physics, d.points)
+            by_address.setdefault((d.host, d.port), []).append(unit)
+        self._endpoints = [ModbusEndpoint(host, port, units) for (host, port), units in by_address.items()]
+        self._t0_s: float | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Building from a site document
+
+    @classmethod
+    def from_document(
+        cls,
+        doc: Mapping[str, Any],
+        *,
+        speed: float = 1.0,
+        start: datetime | None = None,
+        tick_s: float = DEFAULT_TICK_S,
+    ) -> SimulatedPlant:
+        """Build the plant of a normalized site document; raise :class:`DocumentError` if unusable."""
+        if not isinstance(doc, Mapping):
+            raise DocumentError("document", "expected a mapping with 'site' and 'devices'")
+        site = doc.get("site") or {}
+        if not isinstance(site, Mapping):
+            raise DocumentError("site", "expected a mapping")
+        zone = site.get("timezone") or "Asia/Shanghai"
+        try:
+            tz = ZoneInfo(_expect(zone, str, "site.timezone"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise DocumentError("site.timezone", f"unknown time zone {zone!r}") from None
+        start = start or utc_now()
+        raw_devices = doc.get("devices")
+        if not isinstance(raw_devices, list) or not raw_devices:
+            raise DocumentError("devices", "expected a non-empty list of devices")
+        devices = [_device(raw, f"devices[{i}]", tz=tz, start=start) for i, raw in enumerate(raw_devices)]
+        seen: dict[str, int] = {}
+        used: dict[tuple[str, int, int], str] = {}
+        for i, device in enumerate(devices):
+            if device.device_id in seen:
+                raise DocumentError(f"devices[{i}].id", f"duplicate device id {device.device_id!r}")
+            seen[device.device_id] = i
+            slot = (device.host, device.port, device.unit_id)
+            if slot in used:
+                raise DocumentError(
+                    f"devices[{i}] ({device.device_id}).modbus.unit_id",
+                    f"unit {device.unit_id} on {device.host}:{device.port} is already used by {used[slot]!r}",
+                )
+            used[slot] = device.device_id
+        try:
+            return cls(devices, start=start, speed=speed, tick_s=tick_s)
+        except ValueError as err:
+            raise DocumentError("document", str(err)) from None
+
+    # ----------------------------------------------------------------------------------------------
+    # Running
+
+    @property
+    def speed(self) -> float:
+        """Return simulated seconds per real second."""
+        return self._speed
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Return the ids of every simulated device."""
+        return tuple(self._devices)
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Return the (host, port) of every listening socket, in document order."""
+        return tuple((e.host, e.port) for e in self._endpoints)
+
+    @property
+    def running(self) -> bool:
+        """Return True between :meth:`start` and :meth:`stop`."""
+        return self._tick_task is not None
+
+    def now(self) -> datetime:
+        """Return the simulated time: ``start + speed * real time since start()``."""
+        if self._t0_s is None:
+            return self._start
+        elapsed_s = asyncio.get_running_loop().time() - self._t0_s
+        return self._start + timedelta(seconds=self._speed * elapsed_s)
+
+    def device(self, device_id: str) -> DevicePhysics:
+        """Return a device's physics, e.g. to ``override`` a variable in a test."""
+        try:
+            return self._devices[device_id].physics
+        except KeyError:
+            raise KeyError(f"no simulated device {device_id!r}") from None
+
+    async def start(self) -> None:
+        """Listen on every endpoint and start the tick; on failure nothing stays open."""
+        if self._tick_task is not None:
+            return
+        if self._t0_s is None:
+            self._t0_s = asyncio.get_running_loop().time()
+        self._step()
+        try:
+            for endpoint in self._endpoints:
+                await endpoint.start()
+        except BaseException:
+            await self._stop_endpoints()
+            raise
+        self._tick_task = asyncio.create_task(self._tick(), name="simulators:tick")
+        _LOGGER.info(
+            "simulating %d devices on %s at %gx speed from %s",
+            len(self._devices),
+            ", ".join(str(e) for e in self._endpoints),
+            self._speed,
+            self._start.isoformat(),
+        )
+
+    async def stop(self) -> None:
+        """Stop the tick and close every socket; safe to call twice. Simulated time keeps running."""
+        task, self._tick_task = self._tick_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._stop_endpoints()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _stop_endpoints(self) -> None:
+        for endpoint in self._endpoints:
+            await endpoint.stop()
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_s = loop.time()
+        while True:
+            next_s += self._tick_s
+            await asyncio.sleep(max(0.0, next_s - loop.time()))
+            self._step()
+
+    def _step(self) -> None:
+        now = self.now()
+        for device in self._devices.values():
+            device.physics.step(now)
+        for endpoint in self._endpoints:
+            endpoint.refresh()
+
+
+# --------------------------------------------------------------------------------------------------
+# Document checks
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], path: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise DocumentError(path, f"expected a number, got {value!r}")
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DocumentError(path, f"expected {names}, got {value!r}")
+    return value
+
+
+def _section(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, Mapping):
+        raise DocumentError(f"{path}.{key}", "missing or not a mapping")
+    return value
+
+
+def _device(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> SimulatedDevice:
+    if not isinstance(raw, Mapping):
+        raise DocumentError(path, "expected a mapping")
+    device_id = _expect(raw.get("id"), str, f"{path}.id")
+    path = f"{path} ({device_id})"
+    if raw.get("template") is not None:
+        raise DocumentError(
+            f"{path}.template",
+            "templates are not expanded: give the simulators the normalized document that "
+            "`scada simulate` writes (it expands templates)",
+        )
+    raw_points = raw.get("points")
+    if not isinstance(raw_points, list) or not raw_points:
+        raise DocumentError(
+            f"{path}.points",
+            "no points: give the simulators the normalized document that `scada simulate` writes",
+        )
+    kind_name = raw.get("kind")
+    if kind_name not in {k.value for k in DeviceKind}:
+        allowed = ", ".join(k.value for k in DeviceKind)
+        raise DocumentError(f"{path}.kind", f"unknown device kind {kind_name!r} (use {allowed})")
+    kind = DeviceKind(kind_name)
+    protocol = raw.get("protocol", "modbus_tcp")
+    if protocol != "modbus_tcp":
+        raise DocumentError(f"{path}.protocol", f"cannot simulate protocol {protocol!r} (only modbus_tcp)")
+    modbus = _section(raw, "modbus", path)
+    host = _expect(modbus.get("host"), str, f"{path}.modbus.host")
+    port = _expect(modbus.get("port", 502), int, f"{path}.modbus.port")
+    if not 1 <= port <= 65535:
+        raise DocumentError(f"{path}.modbus.port", f"{port} is not a TCP port (1..65535)")
+    unit_id = _expect(modbus.get("unit_id", 1), int, f"{path}.modbus.unit_id")
+    if not 0 <= unit_id <= 255:
+        raise DocumentError(f"{path}.modbus.unit_id", f"{unit_id} is not a unit id (0..255)")
+    points = tuple(_point(p, f"{path}.points[{i}]") for i, p in enumerate(raw_points))
+    params = _simulation(raw.get("simulation"), f"{path}.simulation")
+    seed = params.seed if params is not None and params.seed is not None else zlib.crc32(device_id.encode())
+    physics = make_physics(kind, params, tz=tz, start=start, seed=seed, name=device_id)
+    try:
+        SimulatedUnit(device_id, unit_id, physics, points)  # checks register overlaps
+    except ValueError as err:
+        raise DocumentError(f"{path}.points", str(err)) from None
+    return SimulatedDevice(
+        device_id=device_id, kind=kind, host=host, port=port, unit_id=unit_id, physics=physics, points=points
+    )
+
+
+def _point(raw: Any, path: str) -> SimulatedPoint:
+    if not isinstance(raw, Mapping):
+        raise DocumentError(path, "expected a mapping")
+    key = _expect(raw.get("key"), str, f"{path}.key")
+    path = f"{path} ({key})"
+    modbus = _section(raw, "modbus", path)
+    fields: dict[str, Any] = {
+        "key": key,
+        "scale": _expect(raw.get("scale", 1.0), (int, float), f"{path}.scale"),
+        "offset": _expect(raw.get("offset", 0.0), (int, float), f"{path}.offset"),
+        "writable": _expect(raw.get("writable", False), bool, f"{path}.writable"),
+        "address": _expect(modbus.get("address"), int, f"{path}.modbus.address"),
+    }
+    for name in ("table", "type", "word_order", "byte_order"):
+        if modbus.get(name) is not None:
+            fields[name] = _expect(modbus[name], str, f"{path}.modbus.{name}")
+    try:
+        return SimulatedPoint(**fields)
+    except ValueError as err:
+        raise DocumentError(f"{path}.modbus", str(err)) from None
+
+
+def _simulation(raw: Any, path: str) -> SimulationParams | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise DocumentError(path, "expected a mapping")
+    fields: dict[str, Any] = {}
+    if raw.get("profile") is not None:
+        profile = _expect(raw["profile"], str, f"{path}.profile")
+        if profile not in PROFILES:
+            raise DocumentError(
+                f"{path}.profile", f"unknown profile {profile!r} (use {', '.join(sorted(PROFILES))})"
+            )
+        fields["profile"] = profile
+    for name in ("base_kw", "peak_kw", "base_nm3_h", "peak_nm3_h", "capacity_kwh", "noise_pct"):
+        if raw.get(name) is not None:
+            number = float(_expect(raw[name], (int, float), f"{path}.{name}"))
+            if not number >= 0:
+                raise DocumentError(f"{path}.{name}", f"must be >= 0, got {number!r}")
+            fields[name] = number
+    if raw.get("seed") is not None:
+        fields["seed"] = _expect(raw["seed"], int, f"{path}.seed")
+    return SimulationParams(**fields)
