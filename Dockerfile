@@ -33,6 +33,10 @@ COPY control_engine ./control_engine
 COPY cockpit ./cockpit
 COPY simulators ./simulators
 COPY examples ./examples
+# In compose the simulators are a host of their own, `simulators`: derive that site file from the
+# example (the simulators bind the host name too, which inside their container is their own address).
+RUN sed 's/host: 127\.0\.0\.1/host: simulators/' examples/plant.yaml > examples/plant.compose.yaml \
+    && scada check-config examples/plant.compose.yaml
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 USER scada:scada

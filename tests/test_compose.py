@@ -193,7 +193,7 @@ def test_server_env_points_at_the_compose_host_names(services: dict[str, dict[st
 
 def test_server_and_simulators_commands(services: dict[str, dict[str, Any]]) -> None:
     # The image's entrypoint is `scada`: the compose command holds its arguments.
-    site = "${SCADA_SITE_FILE:-/app/examples/plant.yaml}"
+    site = "${SCADA_SITE_FILE:-/app/examples/plant.compose.yaml}"
     assert _command(services["server"]) == ["run", "-c", site]
     assert _command(services["simulators"]) == ["simulate", "-c", site]
     assert any(port.endswith(":8080") for port in services["server"]["ports"])
@@ -224,3 +224,10 @@ def test_dockerfile_copies_every_package_setuptools_includes(dockerfile: list[tu
     copied = {args.split()[0] for keyword, args in dockerfile if keyword == "COPY"}
     assert packages <= copied
     assert "examples" in copied  # the default site file of the compose commands
+
+
+def test_image_derives_the_compose_site_from_the_example_and_checks_it() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "examples/plant.compose.yaml" in dockerfile
+    assert "scada check-config examples/plant.compose.yaml" in dockerfile
+    assert (ROOT / ".dockerignore").read_text(encoding="utf-8").count(".venv") == 1
