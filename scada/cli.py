@@ -22,7 +22,7 @@ from aiohttp import web
 from scada import __version__
 from scada.app import Role, create_app
 from scada.config import SiteConfig, load_site
-from scada.model import ConfigError, ScadaError
+from scada.model import ConfigError, PointKind, ScadaError
 from scada.runtime import SystemClock
 from scada.services import Endpoints, running_services
 from scada.settings import Settings
@@ -217,13 +217,16 @@ async def _simulator_process(site: SiteConfig, settings: Settings, *, speed: flo
 def _announce(runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, *, demo: bool) -> None:
     host, port = _bound_address(runner)
     base = f"http://{host}:{port}"
-    first = site.devices[0].point_id(site.devices[0].points[0].key) if site.devices else "<point>"
+    example = next(
+        (d.point_id(p.key) for d in site.devices for p in d.points if p.kind is PointKind.POWER),
+        next((d.point_id(p.key) for d in site.devices for p in d.points), "<point>"),
+    )
     lines = [
         f"CarbonOS SCADA {__version__} serving site {site.site.id!r} ({len(site.devices)} devices)",
         f"  health     {base}/api/v1/health",
         f"  devices    {base}/api/v1/devices",
-        f"  latest     {base}/api/v1/points/{first}/latest",
-        f"  history    {base}/api/v1/points/{first}/history",
+        f"  latest     {base}/api/v1/points/{example}/latest",
+        f"  history    {base}/api/v1/points/{example}/history",
         f"  websocket  ws://{host}:{port}/api/v1/ws",
         f"  services   {', '.join(f'{k}: {v}' for k, v in endpoints.origins.items())}",
         "Press Ctrl-C to stop." if demo else "Send SIGINT or SIGTERM to stop.",
