@@ -74,7 +74,8 @@ templates:
     points:
       - {{key: voltage_v, kind: voltage, unit: V, modbus: {{address: 0, type: float32}}}}
       - {{key: current_a, kind: current, unit: A, modbus: {{address: 2, type: float32}}}}
-      - {{key: active_power_kw, kind: power, unit: kW, carrier: electricity, modbus: {{address: 4, type: float32}}}}
+      - {{key: active_power_kw, kind: power, unit: kW, carrier: electricity,
+          modbus: {{address: 4, type: float32}}}}
       - {{key: energy_import_kwh, kind: energy_counter, unit: kWh, carrier: electricity, scale: 0.1,
           modbus: {{address: 10, type: uint32}}}}
 devices:
@@ -86,8 +87,8 @@ devices:
     modbus: {{host: 127.0.0.1, port: {probe_port}, unit_id: 1}}
     simulation: {{profile: pv, peak_kw: 100, seed: 1}}
     points:
-      - {{key: power_limit_pct, kind: setpoint, unit: "%", writable: true, modbus: {{address: {PROBE_REGISTER},
-          type: uint16}}}}
+      - {{key: power_limit_pct, kind: setpoint, unit: "%", writable: true,
+          modbus: {{address: {PROBE_REGISTER}, type: uint16}}}}
 {meters}
 """
 
@@ -112,12 +113,19 @@ async def main() -> None:
     meter_ports = [free_port() for _ in range(-(-args.devices // UNITS_PER_PORT))]
     probe_port, http_port = free_port(), free_port()
     (workdir / "site.yaml").write_text(site_yaml(args.devices, args.period, meter_ports, probe_port), "utf-8")
-    env = {**os.environ, "SCADA_DB_URL": db_url, "SCADA_REDIS_URL": REDIS_URL, "SCADA_HTTP_PORT": str(http_port),
-           "SCADA_DATA_DIR": str(workdir / "data"), "SCADA_STREAM_PREFIX": f"bench-{db_name}:",
-           "SCADA_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "SCADA_DB_URL": db_url,
+        "SCADA_REDIS_URL": REDIS_URL,
+        "SCADA_HTTP_PORT": str(http_port),
+        "SCADA_DATA_DIR": str(workdir / "data"),
+        "SCADA_STREAM_PREFIX": f"bench-{db_name}:",
+        "SCADA_LOG_LEVEL": "WARNING",
+    }
     scada = str(Path(sys.executable).with_name("scada"))
-    proc = await asyncio.create_subprocess_exec(scada, "demo", "-c", str(workdir / "site.yaml"), env=env,
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        scada, "demo", "-c", str(workdir / "site.yaml"), env=env, stdout=asyncio.subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(120):
@@ -177,8 +185,11 @@ async def measure(args: argparse.Namespace, http_port: int, probe_port: int, db_
                         pipeline_ms.append((time.time() - polled) * 1000)
                 while db_done is None:
                     hit = await db.fetchval(
-                        "SELECT 1 FROM readings WHERE point = $1 AND value = $2 AND ts > now() - interval '1 min' "
-                        "LIMIT 1", point_row, float(value))
+                        "SELECT 1 FROM readings"
+                        " WHERE point = $1 AND value = $2 AND ts > now() - interval '1 min' LIMIT 1",
+                        point_row,
+                        float(value),
+                    )
                     if hit:
                         db_done = time.perf_counter()
                     else:
