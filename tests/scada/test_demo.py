@@ -46,7 +46,11 @@ def data_dir() -> Iterator[Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("services", ["local", "embedded"])
 async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
-    services: str, data_dir: Path, pg_url: str, redis_url: str, stream_prefix: str,
+    services: str,
+    data_dir: Path,
+    pg_url: str,
+    redis_url: str,
+    stream_prefix: str,
     unused_tcp_port_factory: Callable[[], int],
 ) -> None:
     site = data_dir / "site.yaml"
@@ -63,8 +67,13 @@ async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
     else:  # zero set-up: PostgreSQL, Redis and MQTT started by the demo itself, and stopped with it
         env |= {"SCADA_DB_URL": "embedded", "SCADA_REDIS_URL": "embedded", "SCADA_MQTT_URL": "embedded"}
     proc = await asyncio.create_subprocess_exec(
-        SCADA, "demo", "-c", str(site), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        SCADA,
+        "demo",
+        "-c",
+        str(site),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output: list[str] = []
     try:
