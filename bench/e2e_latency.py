@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import redis.asyncio as aioredis
 from pymodbus.client import AsyncModbusTcpClient
 
 ADMIN_DB_URL = os.environ.get("SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -138,6 +139,11 @@ async def main() -> None:
             proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(proc.wait(), 30)
         await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10)
+        keys = [key async for key in redis.scan_iter(match=f"{env['SCADA_STREAM_PREFIX']}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
         await admin.close()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"devices {args.devices + 1}, points {4 * args.devices + 1}, poll period {args.period} s")

@@ -25,19 +25,31 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
+from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
-from scada.api.routes import CATALOG, DEADLETTER, HUB, SERVICE_ORIGINS, STORE, DeadLetterView, add_routes
+from scada.api.routes import (
+    CATALOG,
+    DEADLETTER,
+    HUB,
+    QUERIES,
+    SERVICE_ORIGINS,
+    STORE,
+    DeadLetterView,
+    add_routes,
+)
 from scada.catalog import SiteCatalog, sync_catalog
 from scada.config import DeviceConfig, Protocol, SiteConfig
 from scada.db import create_pool, migrate
-from scada.model import Clock, Driver, StreamName
-from scada.runtime import SystemClock, TaskSupervisor
+from scada.model import Clock, Driver, ServiceError, StreamName
+from scada.runtime import Backoff, SystemClock, TaskSupervisor
 from scada.services import Endpoints
 from scada.sessions import DeviceSession
 from scada.settings import Settings
 from streams.bus import RedisReadingSink, run_consumer, stream_key
+from streams.codec import decode_reading_rows
 from streams.historian import HistorianStage
 from streams.live import LiveHub, run_live_feed
+from streams.retention import RetentionClass, RetentionJob
 from streams.store import PostgresReadingStore
 
 __all__ = ["PLANT", "Plant", "Role", "build_driver", "create_app"]
@@ -45,7 +57,15 @@ __all__ = ["PLANT", "Plant", "Role", "build_driver", "create_app"]
 _LOGGER = logging.getLogger(__name__)
 
 HISTORIAN_GROUP = "historian"
+HISTORIAN_BATCH_ENTRIES = 200
+"""Entries (of up to 500 readings) per historian read: one transaction of up to 100,000 rows, so the
+rollup merges (one row per point and bucket) are shared by many readings; see docs/storage.md."""
 PARTITION_MAINTENANCE_PERIOD_S = 3600.0
+RETENTION_PERIOD_S = 3600.0
+_METERED_STREAMS = (StreamName.READINGS, StreamName.EVENTS, StreamName.DEADLETTER)
+SERVICE_RETRY_MAX_S = 5.0
+"""Cap of the historian's and the sink's backoff on Redis/PostgreSQL errors: one client per process,
+so a short cap costs nothing, and ingestion resumes within seconds of a service coming back."""
 
 
 class Role(enum.StrEnum):
@@ -96,6 +116,11 @@ def create_app(
     origins: dict[str, str] = {str(k): str(v) for k, v in endpoints.origins.items()}
     app[SERVICE_ORIGINS] = origins
     app[PLANT] = Plant()
+    app[METRICS] = MetricsSources(
+        plant=app[PLANT],
+        hub=app[HUB],
+        streams={s.value: stream_key(settings.stream_prefix, s) for s in _METERED_STREAMS},
+    )
     app.cleanup_ctx.extend([_database, _redis, _plant])
     add_routes(app)
     return app
@@ -132,7 +157,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             await migrate(conn)
             await sync_catalog(conn, app[CATALOG].site)
         app[_POOL] = pool
-        app[STORE] = PostgresReadingStore(pool)
+        app[STORE] = app[QUERIES] = PostgresReadingStore(pool)
         yield
     finally:
         await pool.close()
@@ -150,7 +175,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         await client.ping()
-        app[_REDIS] = client
+        app[_REDIS] = app[METRICS].redis = client
         app[DEADLETTER] = DeadLetterView(
             client, stream_key(settings.stream_prefix, StreamName.DEADLETTER), settings.service_timeout_s
         )
@@ -183,15 +208,25 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                     stream=readings_key,
                     group=HISTORIAN_GROUP,
                     consumer=consumer_name,
-                    handler=plant.historian.handle,
+                    handler=app[METRICS].historian_batches.wrap(plant.historian.handle),
                     deadletter_stream=deadletter_key,
+                    decode=decode_reading_rows,  # rows straight into COPY, no Reading objects
+                    batch=HISTORIAN_BATCH_ENTRIES,
+                    backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
                 ),
                 name="historian",
             )
             plant.supervisor.spawn(_partition_maintenance(plant.historian, clock), name="partitions")
+            plant.supervisor.spawn(
+                _retention(_retention_job(app[_POOL], app[CATALOG].site, clock), clock), name="retention"
+            )
         if Role.GATEWAY in roles:
             plant.sink = RedisReadingSink(
-                redis, readings_key=readings_key, events_key=events_key, maxlen=settings.readings_maxlen
+                redis,
+                readings_key=readings_key,
+                events_key=events_key,
+                maxlen=settings.readings_maxlen,
+                backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
             )
             await plant.sink.start()
             for device in app[CATALOG].site.devices:
@@ -225,3 +260,30 @@ async def _partition_maintenance(historian: HistorianStage, clock: Clock) -> Non
             _LOGGER.warning(
                 "partition maintenance failed (will retry in %.0f s): %s", PARTITION_MAINTENANCE_PERIOD_S, err
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention (historian role)
+
+
+def _retention_job(pool: asyncpg.Pool, site: SiteConfig, clock: Clock) -> RetentionJob:
+    classes = {
+        name: RetentionClass(
+            raw_days=cls.raw_days,
+            rollup_1m_days=cls.rollup_1m_days,
+            rollup_15m_days=cls.rollup_15m_days,
+            rollup_1h_days=cls.rollup_1h_days,
+        )
+        for name, cls in site.retention.items()
+    }
+    return RetentionJob(pool, classes, clock=clock)
+
+
+async def _retention(job: RetentionJob, clock: Clock) -> None:
+    """Apply the retention classes once an hour (the first run a period after start-up)."""
+    while True:
+        await clock.sleep(RETENTION_PERIOD_S)
+        try:
+            await job.run()
+        except (OSError, TimeoutError, asyncpg.PostgresError, ServiceError) as err:
+            _LOGGER.warning("retention failed (will retry in %.0f s): %s", RETENTION_PERIOD_S, err)

@@ -14,10 +14,35 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from protocols.modbus.config import DataType
 from scada.config import DeviceConfig, PointConfig, SiteConfig
-from scada.model import DeviceId, NotFound, PointId, make_point_id
+from scada.model import DeviceId, NotFound, PointId, PointKind, make_point_id
 
-__all__ = ["CatalogSyncReport", "PointEntry", "SiteCatalog", "sync_catalog"]
+__all__ = ["COUNTER_KINDS", "CatalogSyncReport", "PointEntry", "SiteCatalog", "counter_wrap", "sync_catalog"]
+
+COUNTER_KINDS = frozenset({PointKind.ENERGY_COUNTER, PointKind.GAS_COUNTER, PointKind.FUEL_COUNTER})
+"""Point kinds holding a cumulative counter: history of them is asked for as per-interval deltas."""
+
+_UNSIGNED_BITS = {DataType.UINT16: 16, DataType.UINT32: 32, DataType.UINT64: 64}
+
+
+def counter_wrap(point: PointConfig) -> float | None:
+    """Return the engineering value at which a counter's register rolls over, or None if unknown.
+
+    Only unsigned integer registers have a known range (``2**bits x scale``); signed and float
+    registers, and points that are not counters, give None.
+
+    >>> from protocols.modbus.config import ModbusPointConfig
+    >>> meter = PointConfig(key="e", kind="energy_counter", unit="kWh", carrier="electricity",
+    ...                     scale=0.1, modbus=ModbusPointConfig(address=0, type="uint32"))
+    >>> counter_wrap(meter)
+    429496729.6
+    """
+    if point.kind not in COUNTER_KINDS or point.modbus is None:
+        return None
+    bits = _UNSIGNED_BITS.get(point.modbus.type)
+    return None if bits is None else float(2**bits) * abs(point.scale)
+
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -104,6 +129,8 @@ async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyn
             p.unit.value,
             p.carrier.value,
             p.writable,
+            p.retention,
+            counter_wrap(p),
         )
         for d in site.devices
         for p in d.points
@@ -125,11 +152,14 @@ async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyn
             devices,
         )
         await conn.executemany(
-            """INSERT INTO points (point_id, device_id, key, name, kind, unit, carrier, writable, retired_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+            """INSERT INTO points (point_id, device_id, key, name, kind, unit, carrier, writable,
+                                 retention, counter_wrap, retired_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)
                ON CONFLICT (point_id) DO UPDATE SET device_id = EXCLUDED.device_id, key = EXCLUDED.key,
                    name = EXCLUDED.name, kind = EXCLUDED.kind, unit = EXCLUDED.unit,
-                   carrier = EXCLUDED.carrier, writable = EXCLUDED.writable, retired_at = NULL""",
+                   carrier = EXCLUDED.carrier, writable = EXCLUDED.writable,
+                   retention = EXCLUDED.retention, counter_wrap = EXCLUDED.counter_wrap,
+                   retired_at = NULL""",
             points,
         )
         retired_points = await conn.fetchval(

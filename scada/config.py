@@ -38,11 +38,13 @@ from scada.model import (
 )
 
 __all__ = [
+    "DEFAULT_RETENTION",
     "DeviceConfig",
     "DeviceTemplate",
     "NodeConfig",
     "PointConfig",
     "Protocol",
+    "RetentionClassConfig",
     "SimulationConfig",
     "SiteConfig",
     "SiteInfo",
@@ -120,6 +122,19 @@ class NodeConfig(_Frozen):
     children: tuple[NodeConfig, ...] = ()
 
 
+DEFAULT_RETENTION = "default"
+"""The retention class of a point that names none; the site always has one by this name."""
+
+
+class RetentionClassConfig(_Frozen):
+    """How long one class of points keeps each resolution, in days; None keeps it for ever."""
+
+    raw_days: Annotated[int, Field(ge=1)] | None = 30
+    rollup_1m_days: Annotated[int, Field(ge=1)] | None = 365
+    rollup_15m_days: Annotated[int, Field(ge=1)] | None = 1095
+    rollup_1h_days: Annotated[int, Field(ge=1)] | None = None
+
+
 class PointConfig(_Frozen):
     """One measured or writable value of a device."""
 
@@ -134,6 +149,8 @@ class PointConfig(_Frozen):
     offset: float = 0.0
     writable: bool = False
     modbus: ModbusPointConfig | None = None
+    retention: Id = DEFAULT_RETENTION
+    """Name of a class in the site's ``retention`` section."""
 
     @model_validator(mode="after")
     def _check_point(self) -> Self:
@@ -204,6 +221,10 @@ class SiteConfig(_Frozen):
     hierarchy: Annotated[tuple[NodeConfig, ...], Field(min_length=1)]
     templates: Mapping[Id, DeviceTemplate] = Field(default_factory=dict)
     devices: tuple[DeviceConfig, ...] = ()
+    retention: Mapping[Id, RetentionClassConfig] = Field(
+        default_factory=lambda: {DEFAULT_RETENTION: RetentionClassConfig()}
+    )
+    """Retention classes by name; ``default`` is added (with the built-in periods) when missing."""
 
     def iter_nodes(self) -> Iterator[tuple[NodeConfig, NodeId | None]]:
         """Yield every node with its parent id, parents before children."""
@@ -277,6 +298,8 @@ class _FieldError(Exception):
 def _expand_and_check(site: SiteConfig) -> SiteConfig:
     """Expand templates and run the checks that span several fields."""
     nodes = _check_hierarchy(site)
+    retention = dict(site.retention)
+    retention.setdefault(DEFAULT_RETENTION, RetentionClassConfig())
     devices: list[DeviceConfig] = []
     seen_devices: set[str] = set()
     for index, device in enumerate(site.devices):
@@ -287,7 +310,20 @@ def _expand_and_check(site: SiteConfig) -> SiteConfig:
         if device.node not in nodes:
             raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
         devices.append(_expand_device(site, device, where))
-    return site.model_copy(update={"devices": tuple(devices)})
+        _check_retention_names(devices[-1], where, retention)
+    return site.model_copy(update={"devices": tuple(devices), "retention": retention})
+
+
+def _check_retention_names(
+    device: DeviceConfig, where: str, retention: Mapping[str, RetentionClassConfig]
+) -> None:
+    for p_index, point in enumerate(device.points):
+        if point.retention not in retention:
+            known = ", ".join(sorted(retention))
+            raise _FieldError(
+                f"{where}.points[{p_index}] ({point.key}).retention",
+                f"unknown retention class {point.retention!r} (known: {known})",
+            )
 
 
 def _check_hierarchy(site: SiteConfig) -> dict[str, NodeConfig]:

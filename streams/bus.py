@@ -43,7 +43,15 @@ from redis.typing import EncodableT, FieldT
 
 from scada.model import AvailabilityEvent, Clock, DecodeError, Reading, StreamName
 from scada.runtime import Backoff, SystemClock, raise_if_cancelling
-from streams.codec import decode_readings, encode_event, encode_readings, encode_row, fields_from_rows
+from streams.codec import (
+    EntryFields,
+    ReadingRows,
+    decode_readings,
+    encode_event,
+    encode_readings,
+    encode_row,
+    fields_from_rows,
+)
 
 __all__ = [
     "DeadLetterEntry",
@@ -315,6 +323,7 @@ async def run_consumer(
     consumer: str,
     handler: Callable[[Sequence[Reading]], Awaitable[None]],
     deadletter_stream: str,
+    decode: Callable[[EntryFields], Sequence[Reading]] = decode_readings,
     batch: int = 500,
     block_ms: int = 1_000,
     claim_idle_ms: int = 30_000,
@@ -336,6 +345,10 @@ async def run_consumer(
         apply, anything else to have the batch retried.
     deadletter_stream
         Key of the dead-letter stream.
+    decode
+        Entry decoder: :func:`streams.codec.decode_readings`, or
+        :func:`streams.codec.decode_reading_rows` for a stage that takes rows (the historian); the
+        entries of one read then reach the handler as one :class:`~streams.codec.ReadingRows`.
     batch, block_ms
         XREADGROUP ``COUNT`` and ``BLOCK``.
     claim_idle_ms, claim_interval_s
@@ -351,6 +364,7 @@ async def run_consumer(
         consumer=consumer,
         handler=handler,
         deadletter_stream=deadletter_stream,
+        decode=decode,
         batch=batch,
         block_ms=block_ms,
         claim_idle_ms=claim_idle_ms,
@@ -379,6 +393,7 @@ class _ConsumerLoop:
         consumer: str,
         handler: Callable[[Sequence[Reading]], Awaitable[None]],
         deadletter_stream: str,
+        decode: Callable[[EntryFields], Sequence[Reading]],
         batch: int,
         block_ms: int,
         claim_idle_ms: int,
@@ -389,7 +404,7 @@ class _ConsumerLoop:
         backoff: Backoff,
     ) -> None:
         self._redis, self._stream, self._group, self._consumer = redis, stream, group, consumer
-        self._handler, self._deadletter = handler, deadletter_stream
+        self._handler, self._deadletter, self._decode = handler, deadletter_stream, decode
         self._batch, self._block_ms = batch, block_ms
         self._claim_idle_ms, self._claim_interval_s = claim_idle_ms, claim_interval_s
         self._timeout_s, self._deadletter_maxlen = timeout_s, deadletter_maxlen
@@ -487,7 +502,7 @@ class _ConsumerLoop:
 
     async def _process(self, entries: list[tuple[Any, Any]]) -> None:
         good_ids: list[Any] = []
-        readings: list[Reading] = []
+        parts: list[Sequence[Reading]] = []
         poison: list[tuple[Any, Mapping[Any, Any], str]] = []
         for entry_id, fields in entries:
             if not fields:
@@ -496,12 +511,12 @@ class _ConsumerLoop:
                 )
                 continue
             try:
-                decoded = decode_readings(fields)
+                parts.append(self._decode(fields))
             except DecodeError as err:
                 poison.append((entry_id, fields, str(err)))
                 continue
             good_ids.append(entry_id)
-            readings.extend(decoded)
+        readings = _concat(parts)
         if poison:
             await self._deadletter_and_ack(
                 [
@@ -583,6 +598,13 @@ class _ConsumerLoop:
             )
         elif previous is not None:
             _LOGGER.info("%s: handler recovered", self._name)
+
+
+def _concat(parts: list[Sequence[Reading]]) -> Sequence[Reading]:
+    """Join the decoded entries of one read, keeping rows as rows (no Reading objects built)."""
+    if parts and all(isinstance(part, ReadingRows) for part in parts):
+        return ReadingRows.concat(part for part in parts if isinstance(part, ReadingRows))
+    return [reading for part in parts for reading in part]
 
 
 def _entries_of(response: Any) -> list[tuple[Any, Any]]:

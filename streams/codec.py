@@ -29,16 +29,25 @@ Event entry (version 1)
 
 Decoding anything else raises :class:`scada.model.DecodeError` with a reason an operator can act on;
 the consumer then moves the entry to the dead-letter stream.
+
+Two decoders, one format
+------------------------
+:func:`decode_readings` builds :class:`scada.model.Reading` objects. :func:`decode_reading_rows`
+accepts and refuses exactly the same entries but keeps each row as a plain tuple
+(:data:`WireRow`) inside a :class:`ReadingRows`, a lazy ``Sequence[Reading]``: a stage that
+understands rows (the historian, which COPYs them) never pays for a ``Reading``, a ``Quality`` and a
+``datetime`` per value, and any other stage still sees readings.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, overload
 
 from scada.model import (
     ID_PATTERN,
@@ -62,12 +71,17 @@ __all__ = [
     "MIN_TS",
     "VERSION",
     "EntryFields",
+    "ReadingRows",
+    "WireRow",
     "decode_event",
+    "decode_reading_rows",
     "decode_readings",
     "encode_event",
     "encode_readings",
     "encode_row",
     "fields_from_rows",
+    "reading_from_row",
+    "row_from_reading",
 ]
 
 EntryFields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
@@ -86,6 +100,7 @@ MAX_TS: Final = datetime(2100, 1, 1, tzinfo=UTC)
 """Latest timestamp accepted on the wire (exclusive)."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
 _MIN_TS_US: Final = (MIN_TS - _EPOCH) // timedelta(microseconds=1)
 _MAX_TS_US: Final = (MAX_TS - _EPOCH) // timedelta(microseconds=1)
 _POINT_ID_RE: Final = re.compile(rf"^{ID_PATTERN}\.{ID_PATTERN}$")
@@ -93,6 +108,11 @@ _DEVICE_ID_RE: Final = re.compile(rf"^{ID_PATTERN}$")
 _NON_FINITE_TO_WIRE: Final = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _WIRE_TO_NON_FINITE: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _ROW_LEN: Final = 5
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""Made once: ``json.dumps`` with non-default arguments builds a new encoder on every call."""
+
+WireRow = tuple[str, int, float | None, int, str | None]
+"""One decoded row: ``(point_id, ts_epoch_us, value, quality_code, reason)``, checked like a Reading."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,19 +130,20 @@ def encode_row(reading: Reading) -> str:
     >>> encode_row(r)
     '["m1.power_kw",1767571200000000,1.5,2,null]'
     """
-    if not _POINT_ID_RE.match(reading.point):
+    if not _valid_point(reading.point):
         raise ValueError(f"malformed point id {reading.point!r}: expected '<device>.<key>'")
     ts_us = _to_epoch_us(reading.ts)
     if not _MIN_TS_US <= ts_us < _MAX_TS_US:
         raise ValueError(f"reading for {reading.point}: timestamp {reading.ts.isoformat()} out of range")
+    value = reading.value
     row = [
         reading.point,
         ts_us,
-        _value_to_wire(reading.value),
+        value if type(value) is float and math.isfinite(value) else _value_to_wire(value),
         int(reading.quality.code),
         reading.quality.reason or None,
     ]
-    return json.dumps(row, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(row)
 
 
 def fields_from_rows(rows: Iterable[str]) -> dict[bytes, bytes]:
@@ -177,6 +198,116 @@ def _decode_row(index: int, row: Any) -> Reading:
         raise DecodeError(f"row {index} ({point}): value is null but quality is {quality_code.name}")
     quality = Quality(quality_code, reason or "")
     return Reading(point=PointId(point), ts=ts, value=value, quality=quality)
+
+
+class ReadingRows(Sequence[Reading]):
+    """Decoded rows that read as a ``Sequence[Reading]``; ``rows`` gives the tuples themselves.
+
+    Readings are built on access only, so a consumer that hands the whole batch to a row-aware stage
+    builds none.
+
+    >>> rows = decode_reading_rows({b"v": b"1", b"r": b'[["m1.power_kw",1767571200000000,2.0,2,null]]'})
+    >>> rows.rows
+    [('m1.power_kw', 1767571200000000, 2.0, 2, None)]
+    >>> rows[0].value, len(rows)
+    (2.0, 1)
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[WireRow]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Reading: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ReadingRows: ...
+
+    def __getitem__(self, index: int | slice) -> Reading | ReadingRows:
+        if isinstance(index, slice):
+            return ReadingRows(self.rows[index])
+        return reading_from_row(self.rows[index])
+
+    def __iter__(self) -> Iterator[Reading]:
+        return map(reading_from_row, self.rows)
+
+    def __repr__(self) -> str:
+        return f"ReadingRows({len(self.rows)} rows)"
+
+    @classmethod
+    def concat(cls, parts: Iterable[ReadingRows]) -> ReadingRows:
+        """Join several entries' rows into one batch."""
+        rows: list[WireRow] = []
+        for part in parts:
+            rows.extend(part.rows)
+        return cls(rows)
+
+
+def decode_reading_rows(fields: EntryFields) -> ReadingRows:
+    """Decode one stream entry into rows; accept and refuse exactly what :func:`decode_readings` does.
+
+    The common row (a valid point id seen before, integer time in range, float value, known quality,
+    no reason or a string) is checked inline; anything else goes through the full row decoder, which
+    either normalises it (an integer or non-finite value) or raises its DecodeError.
+    """
+    raw = _field_map(fields)
+    _check_version(raw)
+    payload = _load_json(raw, FIELD_READINGS)
+    if not isinstance(payload, list):
+        raise DecodeError(f"field 'r' must be a JSON array, got {type(payload).__name__}")
+    out: list[WireRow] = []
+    append = out.append
+    valid_point = _valid_point
+    lo, hi = _MIN_TS_US, _MAX_TS_US
+    for index, row in enumerate(payload):
+        if type(row) is list and len(row) == _ROW_LEN:
+            point, ts_us, value, code, reason = row
+            if (
+                type(ts_us) is int
+                and lo <= ts_us < hi
+                and type(code) is int
+                and 0 <= code <= 2  # QualityCode.BAD .. GOOD
+                and (type(value) is float or (value is None and code == 0))
+                and (reason is None or type(reason) is str)
+                and type(point) is str
+                and valid_point(point)
+            ):
+                append((point, ts_us, value, code, reason or None))
+                continue
+        append(row_from_reading(_decode_row(index, row)))  # raises, or normalises an unusual row
+    return ReadingRows(out)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _valid_point(point: str) -> bool:
+    return _POINT_ID_RE.match(point) is not None
+
+
+def reading_from_row(row: WireRow) -> Reading:
+    """Build the :class:`Reading` of a decoded row."""
+    point, ts_us, value, code, reason = row
+    quality = _GOOD if code == QualityCode.GOOD and not reason else Quality(QualityCode(code), reason or "")
+    return Reading(
+        point=PointId(point), ts=_EPOCH + timedelta(microseconds=ts_us), value=value, quality=quality
+    )
+
+
+def row_from_reading(reading: Reading) -> WireRow:
+    """Return the row of a reading (the inverse of :func:`reading_from_row`)."""
+    return (
+        reading.point,
+        _to_epoch_us(reading.ts),
+        reading.value,
+        int(reading.quality.code),
+        reading.quality.reason or None,
+    )
+
+
+_GOOD: Final = Quality.good()
 
 
 _QUALITY_CODES: Final = frozenset(int(c) for c in QualityCode)
@@ -306,7 +437,7 @@ def _decode_ts(where: str, ts_us: Any) -> datetime:
 def _to_epoch_us(ts: datetime) -> int:
     if ts.tzinfo is None:
         raise ValueError("timestamp must be timezone-aware")
-    return (ts - _EPOCH) // timedelta(microseconds=1)
+    return (ts - _EPOCH) // _ONE_US
 
 
 def _show(value: bytes | None) -> str:

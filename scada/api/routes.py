@@ -20,17 +20,21 @@ from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
 from scada import __version__
+from scada.api.metrics import metrics
 from scada.api.problem import ApiProblem
-from scada.catalog import PointEntry, SiteCatalog
+from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
-from scada.model import UTC, DeviceId, PointId, Reading, ReadingStore, ServiceError
+from scada.model import UTC, Carrier, DeviceId, PointId, Reading, ReadingStore, ServiceError
 from streams.bus import read_deadletter
 from streams.live import LiveHub, Subscription
+from streams.query import DownsampleMode
+from streams.store import INTERVALS, PostgresReadingStore
 
 __all__ = [
     "CATALOG",
     "DEADLETTER",
     "HUB",
+    "QUERIES",
     "SERVICE_ORIGINS",
     "STORE",
     "DeadLetterView",
@@ -42,6 +46,8 @@ _LOGGER = logging.getLogger(__name__)
 
 CATALOG = web.AppKey("catalog", SiteCatalog)
 STORE = web.AppKey("store", ReadingStore)
+QUERIES = web.AppKey("queries", PostgresReadingStore)
+"""Downsampled history and energy queries (the PostgreSQL store itself)."""
 HUB = web.AppKey("hub", LiveHub)
 SERVICE_ORIGINS = web.AppKey("service_origins", dict[str, str])
 
@@ -59,6 +65,10 @@ DEADLETTER = web.AppKey("deadletter", DeadLetterView)
 
 HISTORY_MAX_ROWS = 100_000
 HISTORY_DEFAULT_SPAN = timedelta(hours=1)
+HISTORY_DEFAULT_POINTS = 1_000
+HISTORY_MAX_POINTS = 20_000
+ENERGY_DEFAULT_SPAN = timedelta(days=1)
+ENERGY_MAX_INTERVALS = 50_000
 WS_HEARTBEAT_S = 15.0
 WS_MAX_POINTS_PER_CLIENT = 10_000
 
@@ -72,8 +82,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/points/{point_id}", point)
     app.router.add_get("/api/v1/points/{point_id}/latest", latest)
     app.router.add_get("/api/v1/points/{point_id}/history", history)
+    app.router.add_get("/api/v1/points/{point_id}/energy", point_energy)
+    app.router.add_get("/api/v1/nodes/{node_id}/energy", node_energy)
     app.router.add_get("/api/v1/deadletter", deadletter)
     app.router.add_get("/api/v1/ws", websocket)
+    app.router.add_get("/metrics", metrics)
 
 
 def reading_json(reading: Reading) -> dict[str, Any]:
@@ -189,25 +202,154 @@ async def latest(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    """Return stored readings of a point in ``[start, end)``, oldest first, at most ``limit`` rows."""
+    """Return a point's history in ``[start, end)``: raw rows, or reduced on the server to ``points``.
+
+    Without ``points`` and ``mode`` (or with ``mode=raw``): stored readings, oldest first, at most
+    ``limit``. With ``points=N`` and/or ``mode=lttb|minmax``: about N samples read from raw rows or
+    the coarsest rollup that still has N buckets (``source``); see docs/queries.md.
+    """
     entry = request.app[CATALOG].point(request.match_info["point_id"])
     query = request.query
     end = _parse_time(query, "end") or datetime.now(UTC)
     start = _parse_time(query, "start") or end - HISTORY_DEFAULT_SPAN
     if start >= end:
         raise ApiProblem(400, "Invalid request", "start must be before end", slug="invalid-request")
-    limit = _parse_int(query, "limit", default=10_000, low=1, high=HISTORY_MAX_ROWS)
-    rows = await request.app[STORE].history(entry.id, start, end, limit=limit)
+    mode = _parse_mode(query, default=DownsampleMode.LTTB if "points" in query else DownsampleMode.RAW)
+    body: dict[str, Any] = {
+        "point": entry.id,
+        "unit": entry.config.unit.value,
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "mode": mode.value,
+    }
+    if mode is DownsampleMode.RAW:
+        limit = _parse_int(query, "limit", default=10_000, low=1, high=HISTORY_MAX_ROWS)
+        rows = await request.app[STORE].history(entry.id, start, end, limit=limit)
+        body.update(source="raw", readings=[reading_json(r) for r in rows], truncated=len(rows) >= limit)
+        return web.json_response(body)
+    wanted = _parse_int(query, "points", default=HISTORY_DEFAULT_POINTS, low=2, high=HISTORY_MAX_POINTS)
+    result = await request.app[QUERIES].downsampled(
+        entry.id, start, end, points=wanted, mode=mode, raw_period_s=entry.device.poll_period_s
+    )
+    body.update(
+        source=result.source.value,
+        readings=[reading_json(r) for r in result.readings],
+        truncated=result.truncated,
+    )
+    return web.json_response(body)
+
+
+async def point_energy(request: web.Request) -> web.Response:
+    """Return a counter's consumption per interval in ``[start, end)`` (wraps and resets handled)."""
+    catalog = request.app[CATALOG]
+    entry = catalog.point(request.match_info["point_id"])
+    if entry.config.kind not in COUNTER_KINDS:
+        raise ApiProblem(
+            400,
+            "Invalid request",
+            f"point {entry.id!r} is a {entry.config.kind.value}, not a counter",
+            slug="invalid-request",
+        )
+    start, end, interval = _energy_range(request.query)
+    timezone = catalog.site.site.timezone
+    try:
+        rows = await request.app[QUERIES].counter_deltas(
+            entry.id, start, end, interval=interval, timezone=timezone
+        )
+    except ValueError as err:
+        raise ApiProblem(400, "Invalid request", str(err), slug="invalid-request") from err
     return web.json_response(
         {
             "point": entry.id,
             "unit": entry.config.unit.value,
+            "interval": interval,
+            "timezone": timezone,
             "start": start.isoformat(),
             "end": end.isoformat(),
-            "readings": [reading_json(r) for r in rows],
-            "truncated": len(rows) >= limit,
+            "intervals": [
+                {"start": r.start.astimezone(UTC).isoformat(), "delta": r.delta, "step": r.kind.value}
+                for r in rows
+            ],
+            "total": sum(r.delta for r in rows),
         }
     )
+
+
+async def node_energy(request: web.Request) -> web.Response:
+    """Sum the consumption of every counter under a hierarchy node, per interval and unit."""
+    catalog = request.app[CATALOG]
+    node_id = request.match_info["node_id"]
+    if not any(node.id == node_id for node, _parent in catalog.site.iter_nodes()):
+        raise ApiProblem(404, "Not found", f"no node {node_id!r}", slug="not-found")
+    start, end, interval = _energy_range(request.query)
+    raw_carrier = request.query.get("carrier", Carrier.ELECTRICITY.value)
+    if raw_carrier != "all" and raw_carrier not in {c.value for c in Carrier}:
+        raise ApiProblem(
+            400, "Invalid request", f"carrier: unknown carrier {raw_carrier!r}", slug="invalid-request"
+        )
+    carrier = None if raw_carrier == "all" else raw_carrier
+    timezone = catalog.site.site.timezone
+    try:
+        rows = await request.app[QUERIES].node_energy(
+            node_id, start, end, interval=interval, carrier=carrier, timezone=timezone
+        )
+    except ValueError as err:
+        raise ApiProblem(400, "Invalid request", str(err), slug="invalid-request") from err
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault(row.unit, []).append(
+            {"start": row.start.astimezone(UTC).isoformat(), "energy": row.energy, "points": row.points}
+        )
+    return web.json_response(
+        {
+            "node": node_id,
+            "carrier": raw_carrier,
+            "interval": interval,
+            "timezone": timezone,
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "series": [
+                {"unit": unit, "intervals": items, "total": sum(i["energy"] for i in items)}
+                for unit, items in sorted(series.items())
+            ],
+        }
+    )
+
+
+def _parse_mode(query: Mapping[str, str], *, default: DownsampleMode) -> DownsampleMode:
+    raw = query.get("mode")
+    if raw is None:
+        return default
+    try:
+        return DownsampleMode(raw)
+    except ValueError:
+        modes = ", ".join(m.value for m in DownsampleMode)
+        raise ApiProblem(
+            400, "Invalid request", f"mode: must be one of {modes}, not {raw!r}", slug="invalid-request"
+        ) from None
+
+
+def _energy_range(query: Mapping[str, str]) -> tuple[datetime, datetime, str]:
+    end = _parse_time(query, "end") or datetime.now(UTC)
+    start = _parse_time(query, "start") or end - ENERGY_DEFAULT_SPAN
+    if start >= end:
+        raise ApiProblem(400, "Invalid request", "start must be before end", slug="invalid-request")
+    interval = query.get("interval", "1h")
+    if interval not in INTERVALS:
+        raise ApiProblem(
+            400,
+            "Invalid request",
+            f"interval: must be one of {', '.join(INTERVALS)}, not {interval!r}",
+            slug="invalid-request",
+        )
+    if (end - start) / INTERVALS[interval][1] > ENERGY_MAX_INTERVALS:
+        raise ApiProblem(
+            400,
+            "Invalid request",
+            f"at most {ENERGY_MAX_INTERVALS} intervals per request: use a longer interval",
+            slug="invalid-request",
+        )
+    return start, end, interval
 
 
 async def deadletter(request: web.Request) -> web.Response:

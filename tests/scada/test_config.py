@@ -140,3 +140,66 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_not_a_mapping() -> None:
     with pytest.raises(ConfigError, match="expected a mapping"):
         parse_site("- just\n- a list\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention classes
+
+
+def test_retention_defaults_and_classes() -> None:
+    site = parse_site(BASE)
+    assert set(site.retention) == {"default"}
+    default = site.retention["default"]
+    assert (default.raw_days, default.rollup_1m_days, default.rollup_15m_days, default.rollup_1h_days) == (
+        30,
+        365,
+        1095,
+        None,
+    )
+    assert all(p.retention == "default" for d in site.devices for p in d.points)
+
+    text = BASE.replace(
+        "templates:",
+        "retention:\n  default: {raw_days: 7}\n  audit: {raw_days: 400, rollup_1m_days: null}\ntemplates:",
+    ).replace("scale: 0.1,", "scale: 0.1, retention: audit,")
+    site = parse_site(text)
+    assert site.retention["default"].raw_days == 7
+    assert site.retention["audit"].raw_days == 400
+    assert site.retention["audit"].rollup_1m_days is None
+    assert {p.key: p.retention for p in site.devices[0].points} == {
+        "active_power_kw": "default",
+        "energy_import_kwh": "audit",
+    }
+    assert parse_site(__import__("json").dumps(site.model_dump(mode="json"))) == site
+
+
+def test_a_site_naming_only_other_classes_still_has_default() -> None:
+    site = parse_site(BASE.replace("templates:", "retention:\n  audit: {raw_days: 400}\ntemplates:"))
+    assert set(site.retention) == {"default", "audit"}
+    assert site.retention["default"].raw_days == 30
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("scale: 0.1,", "scale: 0.1, retention: forever,"),
+            "devices[0].points[1] (energy_import_kwh).retention: unknown retention class 'forever' (known: default)",
+        ),
+        (
+            ("templates:", "retention:\n  fast: {raw_days: 0}\ntemplates:"),
+            "retention.fast.raw_days: Input should be greater than or equal to 1",
+        ),
+        (
+            ("templates:", "retention:\n  fast: {raw_dayz: 3}\ntemplates:"),
+            "retention.fast.raw_dayz: Extra inputs are not permitted",
+        ),
+        (("templates:", "retention:\n  Fast!: {raw_days: 3}\ntemplates:"), "retention.Fast!"),
+    ],
+)
+def test_bad_retention_is_named(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in BASE
+    with pytest.raises(ConfigError) as info:
+        parse_site(BASE.replace(old, new, 1), source="site.yaml")
+    assert expected in str(info.value)
