@@ -202,20 +202,21 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
         if Role.HISTORIAN in roles:
             plant.historian = HistorianStage(app[_POOL], timeout_s=settings.service_timeout_s, clock=clock)
             await plant.historian.ensure_partitions_ahead()
-            plant.supervisor.spawn(
-                run_consumer(
-                    redis,
-                    stream=readings_key,
-                    group=HISTORIAN_GROUP,
-                    consumer=consumer_name,
-                    handler=app[METRICS].historian_batches.wrap(plant.historian.handle),
-                    deadletter_stream=deadletter_key,
-                    decode=decode_reading_rows,  # rows straight into COPY, no Reading objects
-                    batch=HISTORIAN_BATCH_ENTRIES,
-                    backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
-                ),
-                name="historian",
-            )
+            for index in range(settings.historian_consumers):
+                plant.supervisor.spawn(
+                    run_consumer(
+                        redis,
+                        stream=readings_key,
+                        group=HISTORIAN_GROUP,
+                        consumer=f"{consumer_name}-{index}",
+                        handler=app[METRICS].historian_batches.wrap(plant.historian.handle),
+                        deadletter_stream=deadletter_key,
+                        decode=decode_reading_rows,  # rows straight into COPY, no Reading objects
+                        batch=HISTORIAN_BATCH_ENTRIES,
+                        backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
+                    ),
+                    name=f"historian-{index}",
+                )
             plant.supervisor.spawn(_partition_maintenance(plant.historian, clock), name="partitions")
             plant.supervisor.spawn(
                 _retention(_retention_job(app[_POOL], app[CATALOG].site, clock), clock), name="retention"

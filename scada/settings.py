@@ -44,6 +44,9 @@ class Settings(BaseModel):
     """``SCADA_STREAM_PREFIX``: prefix of every Redis key, so several sites can share one Redis."""
     readings_maxlen: Annotated[int, Field(ge=1_000)] = 2_000_000
     """``SCADA_READINGS_MAXLEN``: approximate cap of the readings stream, in entries."""
+    historian_consumers: Annotated[int, Field(ge=1, le=16)] = 2
+    """``SCADA_HISTORIAN_CONSUMERS``: historian consumers per process in the one consumer group; two
+    keep two PostgreSQL backends busy, which is what 2 cores sustain (docs/benchmarks.md)."""
     service_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
     """``SCADA_SERVICE_TIMEOUT_S``: timeout of each call to PostgreSQL and Redis."""
     log_level: str = "INFO"

@@ -37,7 +37,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from scada.api.metrics import CONTENT_TYPE
-from scada.app import SERVICE_RETRY_MAX_S, create_app
+from scada.app import SERVICE_RETRY_MAX_S, SETTINGS, create_app
 from scada.config import parse_site
 from scada.model import PointId, Quality, Reading, StreamName
 from scada.runtime import Backoff
@@ -366,7 +366,10 @@ async def test_metrics_exposition_and_redis_down(
     assert {name: types.get(name) for name in expected} == expected
     assert value_of(samples, "scada_redis_up") == 1
     assert value_of(samples, "scada_stream_length", stream="readings") >= 1
-    assert value_of(samples, "scada_stream_group_consumers", stream="readings", group="historian") == 1
+    consumers = client.app[SETTINGS].historian_consumers
+    assert (
+        value_of(samples, "scada_stream_group_consumers", stream="readings", group="historian") == consumers
+    )
     assert value_of(samples, "scada_devices", state="offline") == 1  # nothing listens on its port
     assert value_of(samples, "scada_device_polls_total", device="m", result="failed") >= 1
     assert value_of(samples, "scada_historian_written_readings_total") >= POINTS
