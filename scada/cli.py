@@ -93,6 +93,9 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     # Sessions log each device's transitions once; pymodbus would log every failed reconnect again.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # During a PostgreSQL outage asyncpg's pool logs a traceback on every reconnect attempt; the
+    # historian already reports the outage once, when it starts and when it ends.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     for chatty in ("amqtt", "transitions"):  # the embedded broker logs every client state change
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -339,7 +339,8 @@ def _check_hierarchy(site: SiteConfig) -> dict[str, NodeConfig]:
             if child.level.depth != node.level.depth + 1:
                 raise _FieldError(
                     f"hierarchy: node {child.id!r}",
-                    f"a {child.level.value} cannot sit under the {node.level.value} {node.id!r}",
+                    f"level {child.level.value!r} cannot sit directly under {node.level.value} {node.id!r}"
+                    f" (group > park > enterprise > workshop)",
                 )
     return nodes
 
@@ -364,6 +365,13 @@ def _expand_device(site: SiteConfig, device: DeviceConfig, where: str) -> Device
                 "a point of a modbus_tcp device needs a 'modbus' section",
             )
     _check_register_overlaps(where, points)
+    if device.modbus is not None:
+        widest = max((p.modbus.type.register_count for p in points if p.modbus is not None), default=1)
+        if widest > device.modbus.max_block_registers:
+            raise _FieldError(
+                f"{where}.modbus.max_block_registers",
+                f"must be at least {widest}: the widest point spans {widest} registers",
+            )
     return device.model_copy(update={"points": tuple(points), "template": None})
 
 

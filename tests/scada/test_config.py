@@ -91,10 +91,14 @@ def test_normalized_document_round_trips() -> None:
             "templates.meter.points[0] (active_power_kw).modbus: Value error",
         ),
         (("id: m1", "id: M1!"), "devices[0] (M1!).id: String should match pattern"),
-        (("level: park", "level: enterprise"), "a enterprise cannot sit under the group 'g'"),
+        (("level: park", "level: enterprise"), "level 'enterprise' cannot sit directly under group 'g'"),
         (
             ("address: 2, type: uint32", "address: 1, type: uint32"),
             "registers of 'active_power_kw' and 'energy_import_kwh' overlap",
+        ),
+        (
+            ("unit_id: 3}", "unit_id: 3, max_block_registers: 1}"),
+            "devices[0].modbus.max_block_registers: must be at least 2",
         ),
         (("carrier: electricity, scale", "scale"), "needs a carrier"),
         (
