@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
+from _fleet import HIERARCHY_YAML, free_port, meter_devices_yaml, percentile, ports_for
 from pymodbus.client import AsyncModbusTcpClient
 
 ADMIN_DB_URL = os.environ.get("SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -49,27 +49,8 @@ REDIS_URL = os.environ.get("SCADA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROBE_REGISTER = 100  # power_limit_pct of the probe inverter (holding, uint16, writable)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-UNITS_PER_PORT = 200  # meters behind one simulated gateway port (unit ids 1..200)
-
-
 def site_yaml(devices: int, period_s: float, meter_ports: list[int], probe_port: int) -> str:
-    meters = "\n".join(
-        f"  - {{id: m{i:05d}, node: w, kind: power_meter, protocol: modbus_tcp, template: meter, "
-        f"poll_period_s: {period_s}, modbus: {{host: 127.0.0.1, port: {meter_ports[i // UNITS_PER_PORT]}, "
-        f"unit_id: {1 + i % UNITS_PER_PORT}}}, "
-        f"simulation: {{profile: production_2shift, base_kw: 40, peak_kw: 120, seed: {i}}}}}"
-        for i in range(devices)
-    )
-    return f"""
-site: {{id: bench, name: Bench}}
-hierarchy: [{{id: g, name: G, level: group, children: [{{id: p, name: P, level: park, children: [
-  {{id: e, name: E, level: enterprise, children: [{{id: w, name: W, level: workshop}}]}}]}}]}}]
+    return f"""{HIERARCHY_YAML}
 templates:
   meter:
     points:
@@ -90,13 +71,8 @@ devices:
     points:
       - {{key: power_limit_pct, kind: setpoint, unit: "%", writable: true,
           modbus: {{address: {PROBE_REGISTER}, type: uint16}}}}
-{meters}
+{meter_devices_yaml(devices, period_s, meter_ports)}
 """
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 async def main() -> None:
@@ -111,7 +87,7 @@ async def main() -> None:
     admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
     await admin.execute(f'CREATE DATABASE "{db_name}"')
     db_url = ADMIN_DB_URL.rpartition("/")[0] + "/" + db_name
-    meter_ports = [free_port() for _ in range(-(-args.devices // UNITS_PER_PORT))]
+    meter_ports = ports_for(args.devices)
     probe_port, http_port = free_port(), free_port()
     (workdir / "site.yaml").write_text(site_yaml(args.devices, args.period, meter_ports, probe_port), "utf-8")
     env = {

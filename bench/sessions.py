@@ -40,7 +40,6 @@ import logging
 import math
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _fleet import HIERARCHY_YAML, meter_devices_yaml, percentile, ports_for
 
 from scada.app import build_driver
 from scada.config import SiteConfig, parse_site
@@ -60,29 +60,12 @@ from scada.runtime import SystemClock
 from scada.sessions import DeviceSession
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS_PER_PORT = 200  # meters behind one simulated gateway port (unit ids 1..200)
 POINTS_PER_METER = 5
 SINGLE_POLLS = 100  # reference polls of one meter before the ramp
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def site_yaml(meters: int, period_s: float, ports: list[int]) -> str:
-    devices = "\n".join(
-        f"  - {{id: m{i:05d}, node: w, kind: power_meter, protocol: modbus_tcp, template: meter, "
-        f"poll_period_s: {period_s}, modbus: {{host: 127.0.0.1, port: {ports[i // UNITS_PER_PORT]}, "
-        f"unit_id: {1 + i % UNITS_PER_PORT}}}, "
-        f"simulation: {{profile: production_2shift, base_kw: 40, peak_kw: 120, seed: {i}}}}}"
-        for i in range(meters)
-    )
-    return f"""
-site: {{id: bench, name: Bench}}
-hierarchy: [{{id: g, name: G, level: group, children: [{{id: p, name: P, level: park, children: [
-  {{id: e, name: E, level: enterprise, children: [{{id: w, name: W, level: workshop}}]}}]}}]}}]
+    return f"""{HIERARCHY_YAML}
 templates:
   meter:
     points:
@@ -91,15 +74,10 @@ templates:
       - {{key: active_power_kw, kind: power, unit: kW, carrier: electricity,
           modbus: {{address: 4, type: float32}}}}
       - {{key: frequency_hz, kind: frequency, unit: Hz, modbus: {{address: 6, type: float32}}}}
-      - {{key: reactive_power_kvar, kind: power, unit: kW, modbus: {{address: 8, type: float32}}}}
+      - {{key: reactive_power_kvar, kind: power, unit: kvar, modbus: {{address: 8, type: float32}}}}
 devices:
-{devices}
+{meter_devices_yaml(meters, period_s, ports)}
 """
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 class CountingSink:
@@ -196,7 +174,7 @@ async def main() -> None:
     ramp_s = args.ramp if args.ramp is not None else max(2 * args.period, args.sessions / 500)
 
     workdir = Path(tempfile.mkdtemp(prefix="scada-bench-sessions-"))
-    ports = [free_port() for _ in range(-(-args.sessions // UNITS_PER_PORT))]
+    ports = ports_for(args.sessions)
     site = parse_site(site_yaml(args.sessions, args.period, ports), source="bench")
     doc_path = workdir / "doc.json"
     doc_path.write_text(json.dumps(site.model_dump(mode="json")), encoding="utf-8")
