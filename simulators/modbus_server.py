@@ -159,7 +159,9 @@ def encode_value(value: float, point: SimulatedPoint) -> list[int]:
         elif math.isinf(raw):
             packed = high if raw > 0 else low
         else:
-            packed = min(high, max(low, int(math.copysign(math.floor(abs(raw) + 0.5), raw))))
+            # Half away from zero; integral values as they are (from 2**52 on, +0.5 changes them).
+            rounded = int(raw) if raw.is_integer() else int(math.copysign(math.floor(abs(raw) + 0.5), raw))
+            packed = min(high, max(low, rounded))
     elif point.type == "float32" and math.isfinite(raw) and abs(raw) > _FLOAT32_MAX:
         packed = math.copysign(math.inf, raw)
     else:

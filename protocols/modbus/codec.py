@@ -214,7 +214,9 @@ def from_engineering(
     if data_type not in _INT_RANGE:
         return raw
     low, high = _INT_RANGE[data_type]
-    rounded = int(math.copysign(math.floor(abs(raw) + 0.5), raw))  # half away from zero, as people round
+    # Half away from zero, as people round; an integral value is taken as it is, because from 2**52
+    # on adding 0.5 rounds to the next even integer and would change it.
+    rounded = int(raw) if raw.is_integer() else int(math.copysign(math.floor(abs(raw) + 0.5), raw))
     if not low <= rounded <= high:
         ends = sorted(to_engineering(end, scale=scale, offset=offset) for end in (low, high))
         raise EncodeError(
