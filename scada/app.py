@@ -92,7 +92,7 @@ SETTINGS = web.AppKey("settings", Settings)
 _ENDPOINTS = web.AppKey("endpoints", Endpoints)
 _CLOCK = web.AppKey("clock", Clock)
 _ROLES = web.AppKey("roles", frozenset[Role])
-_POOL = web.AppKey("pool", object)
+_POOL = web.AppKey("pool", asyncpg.Pool)
 _REDIS = web.AppKey("redis", aioredis.Redis)
 
 

@@ -35,6 +35,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
 from redis.asyncio import Redis
@@ -358,12 +359,12 @@ async def run_consumer(
         Timeout of each Redis call (on top of ``block_ms`` for blocking reads).
     """
     loop = _ConsumerLoop(
-        redis,
+        redis=redis,
         stream=stream,
         group=group,
         consumer=consumer,
         handler=handler,
-        deadletter_stream=deadletter_stream,
+        deadletter=deadletter_stream,
         decode=decode,
         batch=batch,
         block_ms=block_ms,
@@ -381,38 +382,33 @@ class _HandlerFailedError(Exception):
     """The handler raised: the batch stays pending and is retried."""
 
 
+@dataclass(kw_only=True)
 class _ConsumerLoop:
     """State of one :func:`run_consumer` call (kept private so the public API stays a function)."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        *,
-        stream: str,
-        group: str,
-        consumer: str,
-        handler: Callable[[Sequence[Reading]], Awaitable[None]],
-        deadletter_stream: str,
-        decode: Callable[[EntryFields], Sequence[Reading]],
-        batch: int,
-        block_ms: int,
-        claim_idle_ms: int,
-        claim_interval_s: float,
-        timeout_s: float,
-        deadletter_maxlen: int,
-        clock: Clock,
-        backoff: Backoff,
-    ) -> None:
-        self._redis, self._stream, self._group, self._consumer = redis, stream, group, consumer
-        self._handler, self._deadletter, self._decode = handler, deadletter_stream, decode
-        self._batch, self._block_ms = batch, block_ms
-        self._claim_idle_ms, self._claim_interval_s = claim_idle_ms, claim_interval_s
-        self._timeout_s, self._deadletter_maxlen = timeout_s, deadletter_maxlen
-        self._clock, self._backoff = clock, backoff
-        self._pending_mode = True  # start with our own pending entries (a previous run's)
-        self._redis_ok: bool | None = None
-        self._handler_ok: bool | None = None
-        self._name = f"{stream}/{group}/{consumer}"
+    redis: Redis
+    stream: str
+    group: str
+    consumer: str
+    handler: Callable[[Sequence[Reading]], Awaitable[None]]
+    deadletter: str
+    decode: Callable[[EntryFields], Sequence[Reading]]
+    batch: int
+    block_ms: int
+    claim_idle_ms: int
+    claim_interval_s: float
+    timeout_s: float
+    deadletter_maxlen: int
+    clock: Clock
+    backoff: Backoff
+    pending_mode: bool = True  # start with our own pending entries (a previous run's)
+    redis_ok: bool | None = None
+    handler_ok: bool | None = None
+
+    @property
+    def name(self) -> str:
+        """Return ``stream/group/consumer`` for log lines."""
+        return f"{self.stream}/{self.group}/{self.consumer}"
 
     async def run(self) -> None:
         group_ready = False
@@ -423,29 +419,29 @@ class _ConsumerLoop:
                 if not group_ready:
                     await self._create_group()
                     group_ready = True
-                if self._clock.monotonic() >= next_claim_s:
+                if self.clock.monotonic() >= next_claim_s:
                     await self._autoclaim()
-                    next_claim_s = self._clock.monotonic() + self._claim_interval_s
+                    next_claim_s = self.clock.monotonic() + self.claim_interval_s
                 entries = await self._read()
                 if entries:
                     await self._process(entries)
                 self._set_redis_ok(True, None)
-                self._backoff.reset()
+                self.backoff.reset()
             except _HandlerFailedError as failed:
                 self._set_handler_ok(False, failed.__cause__)
-                self._pending_mode = True
-                await self._clock.sleep(self._backoff.next_delay())
+                self.pending_mode = True
+                await self.clock.sleep(self.backoff.next_delay())
             except _REDIS_ERRORS as err:
                 if isinstance(err, ResponseError) and "NOGROUP" in str(err):
                     group_ready = False  # stream or group deleted under us: recreate it
                 self._set_redis_ok(False, err)
-                self._pending_mode = True  # whatever was read but not acked is in our pending list
-                await self._clock.sleep(self._backoff.next_delay())
+                self.pending_mode = True  # whatever was read but not acked is in our pending list
+                await self.clock.sleep(self.backoff.next_delay())
 
     async def _create_group(self) -> None:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+            async with asyncio.timeout(self.timeout_s):
+                await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
@@ -455,14 +451,14 @@ class _ConsumerLoop:
         start: Any = "0-0"
         claimed = 0
         for _ in range(_MAX_AUTOCLAIM_ROUNDS):  # bounded: the next round continues later
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._redis.xautoclaim(
-                    self._stream,
-                    self._group,
-                    self._consumer,
-                    self._claim_idle_ms,
+            async with asyncio.timeout(self.timeout_s):
+                response = await self.redis.xautoclaim(
+                    self.stream,
+                    self.group,
+                    self.consumer,
+                    self.claim_idle_ms,
                     start_id=start,
-                    count=self._batch,
+                    count=self.batch,
                 )
             start, entries = response[0], response[1]
             claimed += len(entries)
@@ -475,29 +471,29 @@ class _ConsumerLoop:
                     [(self._deadletter_fields(reason, [i], {}), None) for i in gone]
                 )
                 _LOGGER.warning(
-                    "%s: %d pending entries were trimmed before being handled", self._name, len(gone)
+                    "%s: %d pending entries were trimmed before being handled", self.name, len(gone)
                 )
             if start in (b"0-0", "0-0"):
                 break
         if claimed:
             _LOGGER.info(
-                "%s: claimed %d entries idle for more than %d ms", self._name, claimed, self._claim_idle_ms
+                "%s: claimed %d entries idle for more than %d ms", self.name, claimed, self.claim_idle_ms
             )
-            self._pending_mode = True
+            self.pending_mode = True
 
     async def _read(self) -> list[tuple[Any, Any]]:
-        pending = self._pending_mode
-        async with asyncio.timeout(self._timeout_s + (0 if pending else self._block_ms / 1_000)):
-            response = await self._redis.xreadgroup(
-                self._group,
-                self._consumer,
-                {self._stream: "0" if pending else ">"},
-                count=self._batch,
-                block=None if pending else self._block_ms,
+        pending = self.pending_mode
+        async with asyncio.timeout(self.timeout_s + (0 if pending else self.block_ms / 1_000)):
+            response = await self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: "0" if pending else ">"},
+                count=self.batch,
+                block=None if pending else self.block_ms,
             )
         entries = _entries_of(response)
         if pending and not entries:
-            self._pending_mode = False  # our pending list is drained: move on to new entries
+            self.pending_mode = False  # our pending list is drained: move on to new entries
         return entries
 
     async def _process(self, entries: list[tuple[Any, Any]]) -> None:
@@ -511,7 +507,7 @@ class _ConsumerLoop:
                 )
                 continue
             try:
-                parts.append(self._decode(fields))
+                parts.append(self.decode(fields))
             except DecodeError as err:
                 poison.append((entry_id, fields, str(err)))
                 continue
@@ -524,18 +520,18 @@ class _ConsumerLoop:
                     for entry_id, fields, reason in poison
                 ]
             )
-            _LOGGER.warning("%s: %d poison entries moved to %s", self._name, len(poison), self._deadletter)
+            _LOGGER.warning("%s: %d poison entries moved to %s", self.name, len(poison), self.deadletter)
         if readings:
             try:
-                await self._handler(readings)
+                await self.handler(readings)
             except RejectedReadings as rejected:
                 dead = self._deadletter_fields(rejected.reason, good_ids, encode_readings(rejected.readings))
                 await self._deadletter_and_ack([(dead, None)], extra_ack=good_ids)
                 _LOGGER.warning(
                     "%s: %d readings moved to %s: %s",
-                    self._name,
+                    self.name,
                     len(rejected.readings),
-                    self._deadletter,
+                    self.deadletter,
                     rejected.reason,
                 )
                 self._set_handler_ok(True, None)
@@ -544,18 +540,18 @@ class _ConsumerLoop:
                 raise _HandlerFailedError from err
             self._set_handler_ok(True, None)
         if good_ids:
-            async with asyncio.timeout(self._timeout_s):
-                await self._redis.xack(self._stream, self._group, *good_ids)
+            async with asyncio.timeout(self.timeout_s):
+                await self.redis.xack(self.stream, self.group, *good_ids)
 
     def _deadletter_fields(
         self, reason: str, entry_ids: Sequence[Any], raw: Mapping[Any, Any]
     ) -> dict[bytes, bytes]:
         fields: dict[bytes, bytes] = {
             b"reason": reason.encode(errors="replace"),
-            b"origin": self._stream.encode(),
+            b"origin": self.stream.encode(),
             b"entry_id": b",".join(_as_bytes(i) for i in entry_ids),
-            b"group": self._group.encode(),
-            b"consumer": self._consumer.encode(),
+            b"group": self.group.encode(),
+            b"consumer": self.consumer.encode(),
         }
         for name, value in raw.items():
             fields[_RAW_PREFIX + _as_bytes(name)] = _as_bytes(value)
@@ -566,38 +562,36 @@ class _ConsumerLoop:
     ) -> None:
         """XADD dead-letter entries and XACK their origins in one MULTI, so neither happens alone."""
         ids = [entry_id for _, entry_id in items if entry_id is not None] + list(extra_ack)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             for fields, _ in items:
-                pipe.xadd(
-                    self._deadletter, _xfields(fields), maxlen=self._deadletter_maxlen, approximate=True
-                )
+                pipe.xadd(self.deadletter, _xfields(fields), maxlen=self.deadletter_maxlen, approximate=True)
             if ids:
-                pipe.xack(self._stream, self._group, *ids)
-            async with asyncio.timeout(self._timeout_s):
+                pipe.xack(self.stream, self.group, *ids)
+            async with asyncio.timeout(self.timeout_s):
                 await pipe.execute()
 
     def _set_redis_ok(self, ok: bool, err: BaseException | None) -> None:
-        if ok is self._redis_ok:
+        if ok is self.redis_ok:
             return
-        previous, self._redis_ok = self._redis_ok, ok
+        previous, self.redis_ok = self.redis_ok, ok
         if not ok:
-            _LOGGER.warning("%s: Redis unavailable: %s; retrying with backoff", self._name, err)
+            _LOGGER.warning("%s: Redis unavailable: %s; retrying with backoff", self.name, err)
         elif previous is not None:
-            _LOGGER.info("%s: Redis restored", self._name)
+            _LOGGER.info("%s: Redis restored", self.name)
 
     def _set_handler_ok(self, ok: bool, err: BaseException | None) -> None:
-        if ok is self._handler_ok:
+        if ok is self.handler_ok:
             return
-        previous, self._handler_ok = self._handler_ok, ok
+        previous, self.handler_ok = self.handler_ok, ok
         if not ok:
             _LOGGER.warning(
                 "%s: handler failed (%r); entries stay pending and are retried with backoff",
-                self._name,
+                self.name,
                 err,
                 exc_info=err,
             )
         elif previous is not None:
-            _LOGGER.info("%s: handler recovered", self._name)
+            _LOGGER.info("%s: handler recovered", self.name)
 
 
 def _concat(parts: list[Sequence[Reading]]) -> Sequence[Reading]:
