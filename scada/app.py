@@ -24,7 +24,6 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
 from scada.api.routes import (
@@ -38,21 +37,24 @@ from scada.api.routes import (
     add_routes,
 )
 from scada.catalog import SiteCatalog, sync_catalog
-from scada.config import DeviceConfig, Protocol, SiteConfig
+from scada.config import SiteConfig
 from scada.db import create_pool, migrate
-from scada.model import Clock, Driver, ServiceError, StreamName
+from scada.gateway import Gateway
+from scada.model import Clock, ServiceError, StreamName
 from scada.runtime import Backoff, SystemClock, TaskSupervisor
 from scada.services import Endpoints
 from scada.sessions import DeviceSession
 from scada.settings import Settings
+from scada.sharding import Shard
 from streams.bus import RedisReadingSink, run_consumer, stream_key
 from streams.codec import decode_reading_rows
+from streams.commands import run_command_executor
 from streams.historian import HistorianStage
 from streams.live import LiveHub, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
 from streams.store import PostgresReadingStore
 
-__all__ = ["PLANT", "Plant", "Role", "build_driver", "create_app"]
+__all__ = ["PLANT", "Plant", "Role", "create_app"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class Plant:
 
     def __init__(self) -> None:
         self.sessions: dict[str, DeviceSession] = {}
+        self.gateway: Gateway | None = None
         self.sink: RedisReadingSink | None = None
         self.historian: HistorianStage | None = None
         self.supervisor = TaskSupervisor("plant")
@@ -124,25 +127,6 @@ def create_app(
     app.cleanup_ctx.extend([_database, _redis, _plant])
     add_routes(app)
     return app
-
-
-def build_driver(device: DeviceConfig, clock: Clock) -> Driver:
-    """Build the protocol driver a device's configuration asks for."""
-    if device.protocol is Protocol.MODBUS_TCP:
-        assert device.modbus is not None  # guaranteed by the config validator
-        specs = [
-            ModbusPointSpec(
-                point=device.point_id(p.key),
-                config=p.modbus,
-                scale=p.scale,
-                offset=p.offset,
-                writable=p.writable,
-            )
-            for p in device.points
-            if p.modbus is not None
-        ]
-        return ModbusDriver(device.id, device.modbus, specs, clock=clock)
-    raise NotImplementedError(f"no driver for protocol {device.protocol.value!r}")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,27 +210,44 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                 redis,
                 readings_key=readings_key,
                 events_key=events_key,
+                deadletter_key=deadletter_key,
                 maxlen=settings.readings_maxlen,
                 backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
             )
             await plant.sink.start()
-            for device in app[CATALOG].site.devices:
-                if not device.enabled:
-                    continue
-                session = DeviceSession(
-                    build_driver(device, clock),
-                    points=[device.point_id(p.key) for p in device.points],
-                    sink=plant.sink,
-                    events=plant.sink,
-                    period_s=device.poll_period_s,
+            plant.gateway = Gateway(
+                app[CATALOG].site,
+                sink=plant.sink,
+                clock=clock,
+                mqtt_url=app[_ENDPOINTS].mqtt_url,
+                shard=Shard.parse(settings.gateway_shard),
+                client_id=f"carbonos-{consumer_name}",
+                service_timeout_s=settings.service_timeout_s,
+            )
+            await plant.gateway.start(plant.supervisor)
+            plant.sessions.update(plant.gateway.sessions)
+            gateway = plant.gateway
+            plant.supervisor.spawn(
+                run_command_executor(
+                    redis,
+                    commands_key=stream_key(prefix, StreamName.COMMANDS),
+                    results_key=stream_key(prefix, StreamName.COMMAND_RESULTS),
+                    deadletter_key=deadletter_key,
+                    claims_prefix=f"{prefix}command-claim:",
+                    group=f"gateway-{gateway.shard.index}of{gateway.shard.count}",
+                    consumer=consumer_name,
+                    owns=gateway.owns_point,
+                    execute=gateway.execute,
+                    timeout_s=settings.service_timeout_s,
                     clock=clock,
-                )
-                plant.sessions[device.id] = session
-                plant.supervisor.spawn(session.run(), name=f"session:{device.id}")
-            _LOGGER.info("gateway: %d device sessions started", len(plant.sessions))
+                ),
+                name="commands",
+            )
         yield
     finally:
         await plant.supervisor.close()
+        if plant.gateway is not None:
+            await plant.gateway.close()
         if plant.sink is not None:
             await plant.sink.close()
 

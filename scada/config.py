@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
+from protocols.mqtt.config import MqttDeviceConfig, MqttPointConfig
+from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
 from scada.model import (
     ID_PATTERN,
     Carrier,
@@ -89,6 +91,13 @@ class Protocol(enum.StrEnum):
     """Southbound protocols a device can speak."""
 
     MODBUS_TCP = "modbus_tcp"
+    OPCUA = "opcua"
+    MQTT = "mqtt"
+
+    @property
+    def section(self) -> str:
+        """Return the name of the device and point section this protocol needs."""
+        return {"modbus_tcp": "modbus", "opcua": "opcua", "mqtt": "mqtt"}[self.value]
 
 
 class _Frozen(BaseModel):
@@ -149,8 +158,17 @@ class PointConfig(_Frozen):
     offset: float = 0.0
     writable: bool = False
     modbus: ModbusPointConfig | None = None
+    opcua: OpcUaPointConfig | None = None
+    mqtt: MqttPointConfig | None = None
+    """Payload field of an MQTT point; the point key when absent."""
     retention: Id = DEFAULT_RETENTION
     """Name of a class in the site's ``retention`` section."""
+    stuck_after_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    """A value that should keep moving (a noisy power, a running counter) and has not changed for
+    this long is reported with uncertain quality ("stuck"); None disables the check."""
+    write_tolerance: Annotated[float, Field(ge=0)] | None = None
+    """How far a read-back may differ from the written value and still verify the write; by default
+    half a raw step (``abs(scale) / 2``) plus a relative 1e-6."""
 
     @model_validator(mode="after")
     def _check_point(self) -> Self:
@@ -166,6 +184,19 @@ class PointConfig(_Frozen):
         if self.writable and self.modbus is not None and not self.modbus.table.is_writable:
             raise ValueError(f"writable point in the read-only table {self.modbus.table.value!r}")
         return self
+
+    def verify_tolerance(self, value: float) -> float:
+        """Return how far a read-back of a write of ``value`` may be off and still verify it.
+
+        >>> PointConfig(key="p", kind="setpoint", unit="%", scale=0.1).verify_tolerance(50.0)
+        0.05005
+        """
+        if self.write_tolerance is not None:
+            return self.write_tolerance
+        relative = 1e-6 * abs(value)
+        if self.modbus is not None and self.modbus.type.value.startswith(("int", "uint", "bool")):
+            return abs(self.scale) / 2.0 + relative  # integer registers hold whole raw steps only
+        return relative + 1e-9
 
 
 class DeviceTemplate(_Frozen):
@@ -198,16 +229,42 @@ class DeviceConfig(_Frozen):
     protocol: Protocol
     enabled: bool = True
     poll_period_s: Annotated[float, Field(ge=0.05, le=3600)] = 1.0
+    """Fixed poll rate of polled devices; the expected update rate of subscribed ones."""
+    stale_after_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    """A subscribed device that sends nothing (not even a keep-alive) for this long is stale, and a
+    pushed sample older than this is uncertain. Default: 3 poll periods, at least 10 s."""
     modbus: ModbusDeviceConfig | None = None
+    opcua: OpcUaDeviceConfig | None = None
+    mqtt: MqttDeviceConfig | None = None
     template: Id | None = None
     points: tuple[PointConfig, ...] = ()
     simulation: SimulationConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mqtt_section(cls, data: Any) -> Any:
+        # An MQTT device on the default topics needs no section of its own.
+        if isinstance(data, dict) and data.get("protocol") == Protocol.MQTT.value and "mqtt" not in data:
+            return {**data, "mqtt": {}}
+        return data
 
     @model_validator(mode="after")
     def _check_protocol_section(self) -> Self:
         if self.protocol is Protocol.MODBUS_TCP and self.modbus is None:
             raise ValueError("protocol modbus_tcp needs a 'modbus' section (host, port, unit_id)")
+        if self.protocol is Protocol.OPCUA and self.opcua is None:
+            raise ValueError("protocol opcua needs an 'opcua' section (endpoint, security)")
+        for section in ("modbus", "opcua", "mqtt"):
+            if section != self.protocol.section and getattr(self, section) is not None:
+                raise ValueError(f"a {self.protocol.value} device cannot have a {section!r} section")
         return self
+
+    @property
+    def effective_stale_after_s(self) -> float:
+        """Return the staleness timeout: as configured, else 3 poll periods and at least 10 s."""
+        if self.stale_after_s is not None:
+            return self.stale_after_s
+        return max(10.0, 3.0 * self.poll_period_s)
 
     def point_id(self, key: str) -> PointId:
         """Return the point id of one of this device's points."""
@@ -364,6 +421,17 @@ def _expand_device(site: SiteConfig, device: DeviceConfig, where: str) -> Device
                 f"{where}.points[{p_index}] ({point.key})",
                 "a point of a modbus_tcp device needs a 'modbus' section",
             )
+        if device.protocol is Protocol.OPCUA and point.opcua is None:
+            raise _FieldError(
+                f"{where}.points[{p_index}] ({point.key})",
+                "a point of an opcua device needs an 'opcua' section with its node_id",
+            )
+        for section in ("modbus", "opcua", "mqtt"):
+            if section != device.protocol.section and getattr(point, section) is not None:
+                raise _FieldError(
+                    f"{where}.points[{p_index}] ({point.key}).{section}",
+                    f"a point of a {device.protocol.value} device cannot have a {section!r} section",
+                )
     _check_register_overlaps(where, points)
     if device.modbus is not None:
         widest = max((p.modbus.type.register_count for p in points if p.modbus is not None), default=1)

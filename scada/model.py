@@ -12,7 +12,8 @@ Error tree
     ├── ServiceError                PostgreSQL, Redis or MQTT cannot be reached or started
     ├── DeviceError                 a device could not be talked to; the session backs off
     │   ├── DeviceUnavailable       connection refused, reset or timed out
-    │   └── DeviceProtocolError     the device answered, but not as the protocol says
+    │   ├── DeviceProtocolError     the device answered, but not as the protocol says
+    │   └── RequestRejected         refused before sending (unknown point, value out of range)
     ├── DecodeError                 a stream entry or payload cannot be decoded (goes to dead-letter)
     └── NotFound                    an id that does not exist (the API answers 404)
 
@@ -35,12 +36,16 @@ from typing import NewType, Protocol, runtime_checkable
 __all__ = [
     "ID_PATTERN",
     "UTC",
+    "Acquisition",
     "Availability",
     "AvailabilityEvent",
     "Carrier",
     "Clock",
     "Command",
+    "CommandResult",
+    "CommandStatus",
     "ConfigError",
+    "DeadLetterSink",
     "DecodeError",
     "DeviceError",
     "DeviceId",
@@ -62,9 +67,11 @@ __all__ = [
     "Reading",
     "ReadingSink",
     "ReadingStore",
+    "RequestRejected",
     "ScadaError",
     "ServiceError",
     "StreamName",
+    "SubscriptionDriver",
     "Unit",
     "make_point_id",
     "split_point_id",
@@ -230,6 +237,35 @@ class Availability(enum.StrEnum):
     STALE = "stale"
 
 
+class Acquisition(enum.StrEnum):
+    """How a driver gets values: the session asks at a fixed rate, or the device pushes them."""
+
+    POLL = "poll"
+    SUBSCRIBE = "subscribe"
+
+
+class CommandStatus(enum.StrEnum):
+    """Outcome of one write, as the command path reports it to the dispatcher and the operator."""
+
+    VERIFIED = "verified"
+    """The device acknowledged and a read-back shows the requested value."""
+    UNVERIFIED = "unverified"
+    """The device acknowledged but the value could not be read back; the reason says why."""
+    MISMATCH = "mismatch"
+    """The device acknowledged, but the read-back shows another value (clamped, ignored, overridden)."""
+    REJECTED = "rejected"
+    """The device refused the write (exception response, bad status code, negative response)."""
+    TIMEOUT = "timeout"
+    """No acknowledgement within the timeout: the write may or may not have been applied."""
+    FAILED = "failed"
+    """Nothing was sent: unknown or read-only point, value out of range, device offline."""
+
+    @property
+    def applied(self) -> bool:
+        """Return True only when the device is known to hold the requested value."""
+        return self is CommandStatus.VERIFIED
+
+
 class StreamName(enum.StrEnum):
     """The Redis streams of the bus (see docs/architecture.md)."""
 
@@ -316,6 +352,24 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CommandResult:
+    """What became of one write: acknowledged or not, and what the device holds afterwards."""
+
+    correlation_id: str
+    point: PointId
+    requested: float
+    status: CommandStatus
+    ts: datetime
+    """When the outcome was known."""
+    readback: float | None = None
+    """The value read back after the write, when there was one."""
+    reason: str = ""
+    """Why the status is not VERIFIED, in words an operator can act on."""
+    elapsed_ms: float = 0.0
+    """Time from sending the write to knowing the outcome."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AvailabilityEvent:
     """A device's communication state changed."""
 
@@ -363,6 +417,13 @@ class DeviceProtocolError(DeviceError):
     """The device answered, but not as the protocol says (exception code, bad frame)."""
 
 
+class RequestRejected(DeviceError):
+    """A request was refused before anything was sent: unknown or read-only point, unencodable value.
+
+    The device is not to blame and stays online; a command that meets this was never applied.
+    """
+
+
 class DecodeError(ScadaError):
     """A stream entry or payload cannot be decoded; the entry goes to the dead-letter stream."""
 
@@ -393,12 +454,20 @@ class Driver(Protocol):
     """Translate between one device's wire protocol and readings; sessions supervise it.
 
     A driver never retries or reconnects on its own: it raises :class:`DeviceError` and the
-    session decides what to do.
+    session decides what to do. Every network call of a driver is bounded by the device's timeout.
     """
 
     @property
     def device(self) -> DeviceId:
         """Return the id of the device this driver talks to."""
+
+    @property
+    def acquisition(self) -> Acquisition:
+        """Return how the session acquires values.
+
+        POLL: the session calls :meth:`read` at a fixed rate. SUBSCRIBE: the driver is a
+        :class:`SubscriptionDriver` whose device pushes values.
+        """
 
     async def connect(self) -> None:
         """Open the connection; raise :class:`DeviceUnavailable` if the device cannot be reached."""
@@ -406,11 +475,35 @@ class Driver(Protocol):
     async def read(self) -> Sequence[Reading]:
         """Read every configured point once; per-point problems become bad-quality readings."""
 
-    async def write(self, point: PointId, value: float) -> None:
-        """Write one value; raise :class:`DeviceError` if the device refuses or cannot be reached."""
+    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+        """Write one value and return once the device has acknowledged it.
+
+        Raise :class:`DeviceError` if the device refuses (``DeviceProtocolError``) or cannot be
+        reached or does not answer in time (``DeviceUnavailable``). ``correlation_id`` travels to
+        devices whose protocol carries one (MQTT); others ignore it.
+        """
+
+    async def read_back(self, point: PointId) -> float:
+        """Read one point now and return its engineering value, to verify a write.
+
+        Raise :class:`DeviceError` when it cannot be read (the reason ends up in the command result).
+        """
 
     async def close(self) -> None:
         """Close the connection; safe to call when not connected."""
+
+
+@runtime_checkable
+class SubscriptionDriver(Driver, Protocol):
+    """A driver whose device pushes values (OPC UA monitored items, MQTT telemetry)."""
+
+    async def receive(self) -> Sequence[Reading]:
+        """Wait for the next batch the device pushed and return it.
+
+        An empty batch means "the device is alive but nothing changed" (an OPC UA keep-alive, an
+        MQTT heartbeat), so the session does not call it stale. Raise :class:`DeviceUnavailable`
+        when the connection is lost. The session bounds the wait with its staleness timeout.
+        """
 
 
 class ReadingSink(Protocol):
@@ -418,6 +511,17 @@ class ReadingSink(Protocol):
 
     async def publish(self, readings: Sequence[Reading]) -> None:
         """Accept a batch; must not block for long: a slow bus is handled by the sink's policy."""
+
+
+class DeadLetterSink(Protocol):
+    """Where input that cannot be used goes, with the reason (the Redis ``deadletter`` stream).
+
+    Drivers call it for messages that belong to no point or cannot be parsed (a non-JSON MQTT
+    payload, a message on an unknown topic), so nothing is lost silently and nothing crashes.
+    """
+
+    def reject(self, *, origin: str, payload: bytes, reason: str) -> None:
+        """Record one rejected input; never blocks (a full buffer drops the oldest and counts it)."""
 
 
 class EventSink(Protocol):

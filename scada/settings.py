@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scada.model import ConfigError
+from scada.sharding import Shard
 
 __all__ = ["EMBEDDED", "ENV_PREFIX", "Settings"]
 
@@ -49,8 +50,20 @@ class Settings(BaseModel):
     keep two PostgreSQL backends busy, which is what 2 cores sustain (docs/benchmarks.md)."""
     service_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
     """``SCADA_SERVICE_TIMEOUT_S``: timeout of each call to PostgreSQL and Redis."""
+    gateway_shard: str = "0/1"
+    """``SCADA_GATEWAY_SHARD``: ``index/count``: this gateway supervises the devices whose stable hash
+    falls in its shard, so ``count`` gateway processes share one fleet (see :mod:`scada.sharding`)."""
     log_level: str = "INFO"
     """``SCADA_LOG_LEVEL``: DEBUG, INFO, WARNING or ERROR."""
+
+    @field_validator("gateway_shard")
+    @classmethod
+    def _check_shard(cls, value: str) -> str:
+        try:
+            Shard.parse(value)
+        except ConfigError as err:
+            raise ValueError(str(err).removeprefix("SCADA_GATEWAY_SHARD: ")) from None
+        return value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,4 +87,4 @@ class Settings(BaseModel):
         except ValidationError as err:
             first = err.errors()[0]
             var = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else "environment"
-            raise ConfigError(f"{var}: {first['msg']}") from None
+            raise ConfigError(f"{var}: {first['msg'].removeprefix('Value error, ')}") from None

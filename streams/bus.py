@@ -70,6 +70,8 @@ _REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 _RAW_PREFIX: Final = b"raw."
 _MAX_AUTOCLAIM_ROUNDS: Final = 10
 _MAX_LOGGED_REJECTS: Final = 1_024
+_MAX_DEADLETTER_PAYLOAD_BYTES: Final = 65_536
+"""Longest payload kept in a dead-letter entry; longer ones are cut (the reason says why it failed)."""
 
 
 def stream_key(prefix: str, stream: StreamName) -> str:
@@ -131,6 +133,9 @@ class RedisReadingSink:
         entries_per_flush: int = 20,
         events_maxlen: int = 100_000,
         max_buffered_events: int = 1_000,
+        deadletter_key: str | None = None,
+        deadletter_maxlen: int = 100_000,
+        max_buffered_rejects: int = 1_000,
         timeout_s: float = 5.0,
         linger_s: float = 0.01,
         backoff: Backoff | None = None,
@@ -147,6 +152,8 @@ class RedisReadingSink:
         self._clock: Clock = clock or SystemClock()
         self._rows: deque[str] = deque(maxlen=max_buffered)  # encoded rows, oldest on the left
         self._events: deque[dict[bytes, bytes]] = deque(maxlen=max_buffered_events)
+        self._deadletter_key, self._deadletter_maxlen = deadletter_key, deadletter_maxlen
+        self._dead: deque[dict[bytes, bytes]] = deque(maxlen=max_buffered_rejects)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -155,6 +162,8 @@ class RedisReadingSink:
         self.shed_total = 0
         self.events_shed_total = 0
         self.rejected_total = 0
+        self.deadletters_total = 0
+        self.deadletters_shed_total = 0
         self.sent_total = 0
         self.available: bool | None = None
 
@@ -193,6 +202,27 @@ class RedisReadingSink:
         self._events.append(fields)
         self._wake.set()
 
+    def reject(self, *, origin: str, payload: bytes, reason: str) -> None:
+        """Queue an unusable input (a bad MQTT payload...) for the dead-letter stream; never blocks.
+
+        Implements :class:`scada.model.DeadLetterSink`. The payload is kept up to 64 KiB.
+        """
+        self.deadletters_total += 1
+        if self._deadletter_key is None:
+            _LOGGER.warning("rejected input from %s (no dead-letter stream configured): %s", origin, reason)
+            return
+        if len(self._dead) == self._dead.maxlen:
+            self.deadletters_shed_total += 1
+        self._dead.append(
+            {
+                b"reason": reason.encode(errors="replace"),
+                b"origin": origin.encode(errors="replace"),
+                b"ts": self._clock.now().isoformat().encode(),
+                _RAW_PREFIX + b"payload": payload[:_MAX_DEADLETTER_PAYLOAD_BYTES],
+            }
+        )
+        self._wake.set()
+
     async def start(self) -> None:
         """Start the flusher task (idempotent)."""
         if self._task is None or self._task.done():
@@ -222,7 +252,7 @@ class RedisReadingSink:
     async def _run(self) -> None:
         while True:
             raise_if_cancelling()
-            if not self._rows and not self._events:
+            if not self._rows and not self._events and not self._dead:
                 if self._closing:
                     return
                 self._wake.clear()
@@ -246,8 +276,13 @@ class RedisReadingSink:
         events = [self._events.popleft() for _ in range(min(len(self._events), self._entries_per_flush))]
         count = min(len(self._rows), self._entry_readings * self._entries_per_flush)
         rows = [self._rows.popleft() for _ in range(count)]
+        dead = [self._dead.popleft() for _ in range(min(len(self._dead), self._entries_per_flush))]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
+                for fields in dead:
+                    assert self._deadletter_key is not None  # reject() queues nothing without a key
+                    key, maxlen = self._deadletter_key, self._deadletter_maxlen
+                    pipe.xadd(key, _xfields(fields), maxlen=maxlen, approximate=True)
                 for fields in events:
                     pipe.xadd(
                         self._events_key, _xfields(fields), maxlen=self._events_maxlen, approximate=True
@@ -266,6 +301,7 @@ class RedisReadingSink:
             # Put the batch back in front (a partly applied pipeline may deliver some entries
             # twice, which at-least-once consumers tolerate); on cancel, close() counts them.
             self._requeue(events, rows)
+            self._dead.extendleft(reversed(dead[: (self._dead.maxlen or 0) - len(self._dead)]))
             raise
         self.sent_total += count
         if self._shedding and len(self._rows) <= (self._rows.maxlen or 0) // 2:

@@ -230,9 +230,9 @@ def _plant_families(sources: MetricsSources) -> list[str]:
             ),
         ]
     if plant.sessions:
-        states = {"online": 0, "offline": 0, "unknown": 0}
+        states = {"online": 0, "stale": 0, "offline": 0, "unknown": 0}
         for session in plant.sessions.values():
-            states[{True: "online", False: "offline", None: "unknown"}[session.available]] += 1
+            states[session.availability.value if session.availability is not None else "unknown"] += 1
         per_device = sorted(plant.sessions.items())
         out += [
             render_family(
@@ -265,6 +265,25 @@ def _plant_families(sources: MetricsSources) -> list[str]:
                 "counter",
                 "Poll ticks skipped because a poll took longer than the period.",
                 [({"device": d}, s.stats.overruns) for d, s in per_device],
+            ),
+            render_family(
+                "scada_device_uncertain_readings_total",
+                "counter",
+                "Readings a session marked uncertain, per device and cause (stuck value, old sample).",
+                [
+                    sample
+                    for device, s in per_device
+                    for sample in (
+                        ({"device": device, "cause": "stuck"}, s.stats.stuck_readings),
+                        ({"device": device, "cause": "old_sample"}, s.stats.old_samples),
+                    )
+                ],
+            ),
+            render_family(
+                "scada_device_writes_total",
+                "counter",
+                "Writes (commands) sent per device.",
+                [({"device": d}, s.stats.writes) for d, s in per_device],
             ),
         ]
     out += [

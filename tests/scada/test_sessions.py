@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
+from _session_helpers import RecordingSink, wait_until
 
 from protocols.modbus.driver import ModbusDriver
-from scada.app import build_driver
 from scada.config import SiteConfig, parse_site
-from scada.model import Availability, AvailabilityEvent, QualityCode, Reading
+from scada.gateway import build_driver
+from scada.model import Availability, QualityCode
 from scada.runtime import Backoff, FakeClock
 from scada.sessions import DeviceSession
 from simulators.plant import SimulatedPlant
@@ -36,26 +37,6 @@ devices:
       - {{key: energy_import_kwh, kind: energy_counter, unit: kWh, carrier: electricity, scale: 0.1,
           modbus: {{address: 2, type: uint32}}}}
 """
-
-
-class RecordingSink:
-    """Collects what a session publishes (the session's seam; the Redis sink is tested in streams)."""
-
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.events: list[AvailabilityEvent] = []
-
-    async def publish(self, readings: Sequence[Reading]) -> None:
-        self.readings.extend(readings)
-
-    async def publish_event(self, event: AvailabilityEvent) -> None:
-        self.events.append(event)
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 async def step(clock: FakeClock) -> float:

@@ -1,0 +1,1 @@
+"""MQTT driver (gmqtt): JSON telemetry on configurable topics, commands with correlation ids."""

@@ -1,0 +1,483 @@
+"""The command channel: ``commands`` in, ``command_results`` out, each command executed at most once.
+
+Whoever decides (the dispatcher, an operator's manual command) appends a command to the ``commands``
+stream with :func:`send_command`; the gateway that supervises the point's device runs it through
+the device session (write, acknowledgement, read-back) and appends the outcome to
+``command_results``, where :func:`wait_result` finds it by correlation id.
+
+Delivery
+--------
+Every gateway shard reads the whole ``commands`` stream through a consumer group of its own
+(``gateway-<index>of<count>``) and executes only the commands of its devices. Before executing, it
+claims the correlation id with ``SET NX`` (kept for a day): a command re-delivered after a crash, or
+sent twice by a retrying client, is never written twice. An entry re-delivered after the gateway
+died between claim and result gets a TIMEOUT result ("interrupted: outcome unknown"): the write may
+have reached the device, and saying so is the honest answer.
+
+A command older than ``max_age_s`` when a gateway first sees it (a gateway that was down for an
+hour) is not executed: it FAILS as expired. Writing an hour-old setpoint to a PLC is worse than not
+writing it.
+
+Wire format (version 1)
+-----------------------
+::
+
+    commands:        v = b"1", c = {"point", "value", "priority", "source", "reason",
+                                     "correlation_id", "hold_until_us"}
+    command_results: v = b"1", r = {"correlation_id", "point", "requested", "status", "ts_us",
+                                     "readback", "reason", "elapsed_ms", "executor"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from scada.model import (
+    Clock,
+    Command,
+    CommandResult,
+    CommandStatus,
+    DecodeError,
+    PointId,
+    Priority,
+    split_point_id,
+)
+from scada.runtime import Backoff, SystemClock, raise_if_cancelling
+
+__all__ = [
+    "decode_command",
+    "decode_result",
+    "encode_command",
+    "encode_result",
+    "run_command_executor",
+    "send_command",
+    "wait_result",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+_VERSION: Final = b"1"
+_REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
+_CLAIM_TTL_S: Final = 86_400
+_EXECUTING: Final = b"executing"
+_DONE: Final = b"done"
+DEFAULT_MAX_AGE_S: Final = 60.0
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Codec
+
+
+def _us(ts: datetime) -> int:
+    return int((ts - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+
+
+def _from_us(where: str, value: Any) -> datetime:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodeError(f"{where}: expected integer microseconds, got {value!r}")
+    try:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
+    except OverflowError:
+        raise DecodeError(f"{where}: {value} is out of range") from None
+
+
+def encode_command(command: Command) -> dict[bytes, bytes]:
+    """Return the stream fields of a command."""
+    body = {
+        "point": command.point,
+        "value": command.value,
+        "priority": int(command.priority),
+        "source": command.source,
+        "reason": command.reason,
+        "correlation_id": command.correlation_id,
+        "hold_until_us": _us(command.hold_until) if command.hold_until is not None else None,
+    }
+    return {b"v": _VERSION, b"c": json.dumps(body, allow_nan=False).encode()}
+
+
+def _body(fields: Mapping[Any, Any], name: bytes) -> dict[str, Any]:
+    raw = {k.encode() if isinstance(k, str) else k: v for k, v in fields.items()}
+    version = raw.get(b"v")
+    if version not in (_VERSION, _VERSION.decode()):
+        raise DecodeError(f"unsupported version {version!r} (expected 1)")
+    data = raw.get(name)
+    if data is None:
+        raise DecodeError(f"missing field {name.decode()!r}")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DecodeError(f"field {name.decode()!r} is not JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise DecodeError(f"field {name.decode()!r} must be a JSON object")
+    return body
+
+
+def _text(body: Mapping[str, Any], key: str, *, required: bool = True) -> str:
+    value = body.get(key, None if required else "")
+    if not isinstance(value, str) or (required and not value):
+        raise DecodeError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _number(body: Mapping[str, Any], key: str) -> float:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DecodeError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def decode_command(fields: Mapping[Any, Any]) -> Command:
+    """Decode a ``commands`` entry; raise :class:`DecodeError` saying what is wrong."""
+    body = _body(fields, b"c")
+    point = _text(body, "point")
+    try:
+        split_point_id(point)
+    except Exception as err:  # noqa: BLE001 (NotFound: a malformed id is a decode error here)
+        raise DecodeError(f"point: {err}") from None
+    try:
+        priority = Priority(int(body["priority"]))
+    except (KeyError, TypeError, ValueError):
+        raise DecodeError(f"priority: unknown priority {body.get('priority')!r}") from None
+    hold = body.get("hold_until_us")
+    return Command(
+        point=PointId(point),
+        value=_number(body, "value"),
+        priority=priority,
+        source=_text(body, "source"),
+        reason=_text(body, "reason", required=False),
+        correlation_id=_text(body, "correlation_id"),
+        hold_until=None if hold is None else _from_us("hold_until_us", hold),
+    )
+
+
+def encode_result(result: CommandResult, *, executor: str) -> dict[bytes, bytes]:
+    """Return the stream fields of a command result; ``executor`` names the gateway that ran it."""
+    body = {
+        "correlation_id": result.correlation_id,
+        "point": result.point,
+        "requested": result.requested,
+        "status": result.status.value,
+        "ts_us": _us(result.ts),
+        "readback": result.readback,
+        "reason": result.reason,
+        "elapsed_ms": round(result.elapsed_ms, 3),
+        "executor": executor,
+    }
+    return {b"v": _VERSION, b"r": json.dumps(body, allow_nan=False).encode()}
+
+
+def decode_result(fields: Mapping[Any, Any]) -> CommandResult:
+    """Decode a ``command_results`` entry; raise :class:`DecodeError` saying what is wrong."""
+    body = _body(fields, b"r")
+    try:
+        status = CommandStatus(str(body["status"]))
+    except (KeyError, ValueError):
+        raise DecodeError(f"status: unknown status {body.get('status')!r}") from None
+    readback = body.get("readback")
+    return CommandResult(
+        correlation_id=_text(body, "correlation_id"),
+        point=PointId(_text(body, "point")),
+        requested=_number(body, "requested"),
+        status=status,
+        ts=_from_us("ts_us", body.get("ts_us")),
+        readback=None if readback is None else _number(body, "readback"),
+        reason=_text(body, "reason", required=False),
+        elapsed_ms=_number(body, "elapsed_ms"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Clients
+
+
+async def send_command(
+    redis: Redis, commands_key: str, command: Command, *, maxlen: int = 100_000, timeout_s: float = 5.0
+) -> str:
+    """Append a command to the ``commands`` stream; return its entry id (for :func:`wait_result`)."""
+    async with asyncio.timeout(timeout_s):
+        entry_id = await redis.xadd(commands_key, encode_command(command), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def wait_result(
+    redis: Redis, results_key: str, correlation_id: str, *, after_id: str = "0-0", timeout_s: float = 10.0
+) -> CommandResult | None:
+    """Return the result of ``correlation_id`` once a gateway publishes it, or None after ``timeout_s``.
+
+    Reads ``command_results`` from ``after_id`` (use the command's entry id: its result comes later).
+    """
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + timeout_s
+    last_id = after_id
+    while (remaining_s := deadline_s - loop.time()) > 0:
+        block_ms = max(1, int(min(remaining_s, 1.0) * 1000))
+        async with asyncio.timeout(remaining_s + 5.0):
+            response: Any = await redis.xread({results_key: last_id}, count=100, block=block_ms)
+        for _stream, entries in _streams_of(response):
+            for entry_id, fields in entries:
+                last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                try:
+                    result = decode_result(fields)
+                except DecodeError:
+                    continue  # someone else's garbage: not ours to judge here
+                if result.correlation_id == correlation_id:
+                    return result
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Executor (gateway side)
+
+
+async def run_command_executor(
+    redis: Redis,
+    *,
+    commands_key: str,
+    results_key: str,
+    deadletter_key: str,
+    claims_prefix: str,
+    group: str,
+    consumer: str,
+    owns: Callable[[PointId], bool],
+    execute: Callable[[Command], Awaitable[CommandResult]],
+    max_age_s: float = DEFAULT_MAX_AGE_S,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    results_maxlen: int = 100_000,
+    timeout_s: float = 5.0,
+    clock: Clock | None = None,
+    backoff: Backoff | None = None,
+) -> None:
+    """Execute this gateway's commands from the ``commands`` stream until cancelled.
+
+    Commands run concurrently (up to ``max_in_flight``; one slow device does not hold up the others)
+    and each entry is acknowledged only after its result is in ``command_results``.
+    """
+    executor = _Executor(
+        redis=redis,
+        commands_key=commands_key,
+        results_key=results_key,
+        deadletter_key=deadletter_key,
+        claims_prefix=claims_prefix,
+        group=group,
+        consumer=consumer,
+        owns=owns,
+        execute=execute,
+        max_age_s=max_age_s,
+        slots=asyncio.Semaphore(max_in_flight),
+        results_maxlen=results_maxlen,
+        timeout_s=timeout_s,
+        clock=clock or SystemClock(),
+        backoff=backoff or Backoff(max_s=5.0),
+    )
+    await executor.run()
+
+
+class _Executor:
+    def __init__(self, **kwargs: Any) -> None:
+        self.redis: Redis = kwargs["redis"]
+        self.commands_key: str = kwargs["commands_key"]
+        self.results_key: str = kwargs["results_key"]
+        self.deadletter_key: str = kwargs["deadletter_key"]
+        self.claims_prefix: str = kwargs["claims_prefix"]
+        self.group: str = kwargs["group"]
+        self.consumer: str = kwargs["consumer"]
+        self.owns: Callable[[PointId], bool] = kwargs["owns"]
+        self.execute: Callable[[Command], Awaitable[CommandResult]] = kwargs["execute"]
+        self.max_age_s: float = kwargs["max_age_s"]
+        self.slots: asyncio.Semaphore = kwargs["slots"]
+        self.results_maxlen: int = kwargs["results_maxlen"]
+        self.timeout_s: float = kwargs["timeout_s"]
+        self.clock: Clock = kwargs["clock"]
+        self.backoff: Backoff = kwargs["backoff"]
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_progress: set[str] = set()
+        self.redis_ok: bool | None = None
+
+    async def run(self) -> None:
+        try:
+            pending = True  # first our own unacknowledged entries (a previous run's), then new ones
+            while True:
+                raise_if_cancelling()
+                try:
+                    if pending:
+                        await self._ensure_group()
+                    entries = await self._read("0" if pending else ">")
+                    self._redis_ok(True, None)
+                    self.backoff.reset()
+                except _REDIS_ERRORS as err:
+                    self._redis_ok(False, err)
+                    await self.clock.sleep(self.backoff.next_delay())
+                    continue
+                if pending and not entries:
+                    pending = False
+                    continue
+                for entry_id, fields in entries:
+                    key = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                    if key in self.in_progress:
+                        continue  # still running from a previous read of the pending list
+                    await self.slots.acquire()
+                    self.in_progress.add(key)
+                    task = asyncio.create_task(self._handle(key, fields, redelivered=pending))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+                if pending:
+                    await self.clock.sleep(0.05 if self.in_progress else 0)
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            async with asyncio.timeout(self.timeout_s):
+                await self.redis.xgroup_create(self.commands_key, self.group, id="$", mkstream=True)
+
+    async def _read(self, start: str) -> list[tuple[Any, Any]]:
+        block_ms = 1_000
+        async with asyncio.timeout(self.timeout_s + block_ms / 1000):
+            response: Any = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.commands_key: start}, count=32, block=block_ms
+            )
+        out: list[tuple[Any, Any]] = []
+        for _stream, entries in _streams_of(response):
+            for entry_id, fields in entries:
+                if fields:
+                    out.append((entry_id, fields))
+                else:  # a pending entry trimmed from the stream: nothing left to execute
+                    _LOGGER.warning("command %s was trimmed before it was handled; dropping it", entry_id)
+                    await self._ack(entry_id)
+        return out
+
+    async def _handle(self, entry_id: str, fields: Any, *, redelivered: bool) -> None:
+        try:
+            await self._handle_once(entry_id, fields, redelivered=redelivered)
+        except _REDIS_ERRORS as err:
+            # Not acknowledged: the entry stays pending and is handled again after a restart; the
+            # claim makes sure the device is not written twice.
+            _LOGGER.warning("command %s: Redis failed (%s); left pending", entry_id, err)
+        except Exception:
+            _LOGGER.exception("command %s: unexpected error; left pending", entry_id)
+        finally:
+            self.in_progress.discard(entry_id)
+            self.slots.release()
+
+    async def _handle_once(self, entry_id: str, fields: Any, *, redelivered: bool) -> None:
+        try:
+            command = decode_command(fields)
+        except DecodeError as err:
+            await self._deadletter(entry_id, fields, str(err))
+            return
+        if not self.owns(command.point):
+            await self._ack(entry_id)
+            return
+        claim_key = f"{self.claims_prefix}{command.correlation_id}"
+        async with asyncio.timeout(self.timeout_s):
+            claimed = await self.redis.set(claim_key, _EXECUTING, nx=True, ex=_CLAIM_TTL_S)
+        if not claimed:
+            async with asyncio.timeout(self.timeout_s):
+                state = await self.redis.get(claim_key)
+            if redelivered and state == _EXECUTING:
+                result = self._result(
+                    command,
+                    CommandStatus.TIMEOUT,
+                    "interrupted: the gateway stopped while executing it; outcome unknown",
+                )
+                await self._publish(entry_id, result, claim_key)
+            else:
+                _LOGGER.warning(
+                    "command %s (%s): correlation id already executed; not writing it again",
+                    entry_id,
+                    command.correlation_id,
+                )
+                await self._ack(entry_id)
+            return
+        age_s = (self.clock.now() - _entry_time(entry_id)).total_seconds()
+        if age_s > self.max_age_s:
+            result = self._result(
+                command,
+                CommandStatus.FAILED,
+                f"expired: issued {age_s:.0f} s ago (limit {self.max_age_s:g} s)",
+            )
+        else:
+            result = await self.execute(command)
+        await self._publish(entry_id, result, claim_key)
+
+    def _result(self, command: Command, status: CommandStatus, reason: str) -> CommandResult:
+        return CommandResult(
+            correlation_id=command.correlation_id,
+            point=command.point,
+            requested=command.value,
+            status=status,
+            ts=self.clock.now(),
+            reason=reason,
+        )
+
+    async def _publish(self, entry_id: str, result: CommandResult, claim_key: str) -> None:
+        """Append the result, mark the claim done and acknowledge the entry, all in one MULTI."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self.results_key,
+                encode_result(result, executor=self.consumer),  # type: ignore[arg-type]
+                maxlen=self.results_maxlen,
+                approximate=True,
+            )
+            pipe.set(claim_key, _DONE, ex=_CLAIM_TTL_S)
+            pipe.xack(self.commands_key, self.group, entry_id)
+            async with asyncio.timeout(self.timeout_s):
+                await pipe.execute()
+
+    async def _ack(self, entry_id: Any) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            await self.redis.xack(self.commands_key, self.group, entry_id)
+
+    async def _deadletter(self, entry_id: str, fields: Any, reason: str) -> None:
+        raw = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in dict(fields).items()}
+        dead: dict[Any, Any] = {
+            "reason": reason,
+            "origin": self.commands_key,
+            "entry_id": entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            **{f"raw.{k}": v for k, v in raw.items()},
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.deadletter_key, dead, maxlen=100_000, approximate=True)
+            pipe.xack(self.commands_key, self.group, entry_id)
+            async with asyncio.timeout(self.timeout_s):
+                await pipe.execute()
+        _LOGGER.warning("command %s moved to the dead-letter stream: %s", entry_id, reason)
+
+    def _redis_ok(self, ok: bool, err: BaseException | None) -> None:
+        if ok is self.redis_ok:
+            return
+        previous, self.redis_ok = self.redis_ok, ok
+        if not ok:
+            _LOGGER.warning("command executor: Redis unavailable: %s; retrying with backoff", err)
+        elif previous is not None:
+            _LOGGER.info("command executor: Redis restored")
+
+
+def _streams_of(response: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+    """Return ``[(stream, [(id, fields), ...]), ...]`` from an XREAD reply in RESP2 or RESP3 shape."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return list(response.items())
+    return [(stream, entries) for stream, entries in response]
+
+
+def _entry_time(entry_id: str) -> datetime:
+    """Return when Redis appended an entry (the milliseconds part of its id)."""
+    millis = int(entry_id.split("-", 1)[0])
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
