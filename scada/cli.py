@@ -13,19 +13,34 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from scada import __version__
 from scada.app import Role, create_app
 from scada.config import SiteConfig, load_site
-from scada.model import ConfigError, PointKind, ScadaError
+from scada.model import (
+    Command,
+    CommandStatus,
+    ConfigError,
+    PointId,
+    PointKind,
+    Priority,
+    ScadaError,
+    ServiceError,
+    StreamName,
+)
 from scada.runtime import SystemClock
 from scada.services import Endpoints, running_services
-from scada.settings import Settings
+from scada.settings import EMBEDDED, Settings
+from streams.bus import stream_key
+from streams.commands import send_command, wait_result
 
 __all__ = ["main"]
 
@@ -35,6 +50,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEMO_SITE = Path(__file__).resolve().parent.parent / "examples" / "plant.yaml"
 SIMULATOR_READY_TIMEOUT_S = 30.0
 SIMULATOR_STOP_TIMEOUT_S = 10.0
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
     demo.set_defaults(func=_cmd_demo)
 
+    command = sub.add_parser(
+        "command",
+        help="write a value to a point through its gateway and print the verified outcome",
+        description=(
+            "Append a command to the commands stream of the Redis in SCADA_REDIS_URL (default: the local "
+            "one), wait for the gateway's result and print it as JSON. Exit 0 only when the device "
+            "verifiably holds the value."
+        ),
+    )
+    command.add_argument("point", help="point id, e.g. a-pv-1.power_limit_pct")
+    command.add_argument("value", type=float, help="engineering value to write")
+    command.add_argument("--reason", default="manual command", help="why (kept with the command)")
+    command.add_argument("--source", default=f"cli:{os.environ.get('USER', 'unknown')}")
+    command.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the result")
+    command.set_defaults(func=_cmd_command)
+
     check = sub.add_parser("check-config", help="validate a site file and print a summary")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_cmd_check)
@@ -111,6 +143,60 @@ def _cmd_check(args: argparse.Namespace, _settings: Settings) -> int:
     summary = f"{nodes} nodes, {len(site.devices)} devices, {points} points"
     print(f"{args.file}: OK: site {site.site.id!r}: {summary}")  # noqa: T201 -- CLI output
     return EXIT_OK
+
+
+def _cmd_command(args: argparse.Namespace, settings: Settings) -> int:
+    result = asyncio.run(_send_command(args, settings))
+    print(json.dumps(result, indent=2))  # noqa: T201 -- CLI output
+    return EXIT_OK if result.get("status") == CommandStatus.VERIFIED.value else EXIT_FAILURE
+
+
+async def _send_command(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    url = settings.redis_url if settings.redis_url not in (None, EMBEDDED) else LOCAL_REDIS_URL
+    redis = aioredis.Redis.from_url(
+        url, socket_timeout=settings.service_timeout_s, socket_connect_timeout=settings.service_timeout_s
+    )
+    command = Command(
+        point=PointId(args.point),
+        value=args.value,
+        priority=Priority.OPERATOR,
+        source=args.source,
+        reason=args.reason,
+        correlation_id=f"cli-{uuid.uuid4()}",
+    )
+    prefix = settings.stream_prefix
+    try:
+        entry = await send_command(
+            redis, stream_key(prefix, StreamName.COMMANDS), command, timeout_s=settings.service_timeout_s
+        )
+        result = await wait_result(
+            redis,
+            stream_key(prefix, StreamName.COMMAND_RESULTS),
+            command.correlation_id,
+            after_id=entry,
+            timeout_s=args.timeout,
+        )
+    except (RedisError, OSError, TimeoutError) as err:
+        raise ServiceError(f"Redis at {url}: {err}") from err
+    finally:
+        await redis.aclose()
+    if result is None:
+        return {
+            "correlation_id": command.correlation_id,
+            "point": command.point,
+            "status": "no result",
+            "reason": f"no gateway answered within {args.timeout:g} s (is a gateway running for this point?)",
+        }
+    return {
+        "correlation_id": result.correlation_id,
+        "point": result.point,
+        "requested": result.requested,
+        "status": result.status.value,
+        "readback": result.readback,
+        "reason": result.reason,
+        "elapsed_ms": result.elapsed_ms,
+        "ts": result.ts.isoformat(),
+    }
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
