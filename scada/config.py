@@ -16,8 +16,9 @@ import itertools
 import re
 import zoneinfo
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,8 +189,9 @@ class PointConfig(_Frozen):
     def verify_tolerance(self, value: float) -> float:
         """Return how far a read-back of a write of ``value`` may be off and still verify it.
 
-        >>> PointConfig(key="p", kind="setpoint", unit="%", scale=0.1).verify_tolerance(50.0)
-        0.05005
+        >>> PointConfig(key="p", kind="setpoint", unit="%", scale=0.1,
+        ...             modbus={"address": 0, "type": "uint16"}).verify_tolerance(50.0)  # half a step
+        0.050050000000000004
         """
         if self.write_tolerance is not None:
             return self.write_tolerance
@@ -206,7 +208,81 @@ class DeviceTemplate(_Frozen):
 
 
 class SimulationConfig(_Frozen):
-    """Physics parameters for the device's simulator; ignored by the server."""
+    """Physics parameters for the device's simulator; ignored by the server.
+
+    Which fields a device uses depends on its kind (docs/simulators.md): a battery reads the
+    battery fields, a production line its ``jobs``, a power meter with ``sums`` adds up other
+    devices. ``anomalies`` and ``random_anomalies`` inject faults with ground-truth labels.
+    """
+
+    class Job(_Frozen):
+        """One energy-intensive batch job of a production line, run every (work)day."""
+
+        start_hour: Annotated[float, Field(ge=0, lt=24)]
+        """Planned start in local hours after midnight (9.5 is 09:30)."""
+        duration_h: Annotated[float, Field(gt=0, le=24)]
+        power_kw: Annotated[float, Field(ge=0)]
+        """Power the job adds to the line while it runs."""
+        workdays_only: bool = True
+
+    class Anomaly(_Frozen):
+        """One injected anomaly (spike, stuck, drift, level_shift, night_load) on one point."""
+
+        type: Literal["spike", "stuck", "drift", "level_shift", "night_load"]
+        point: Id = "active_power_kw"
+        start: Annotated[float, Field(ge=0)] | str = 0.0
+        """Seconds after the simulators start, an offset such as ``90min``/``2h``/``1d``, or an
+        ISO 8601 time (in the site's zone when it has no offset)."""
+        duration_s: Annotated[float, Field(gt=0)] | None = None
+        duration_min: Annotated[float, Field(gt=0)] | None = None
+        """Give one of the two, or neither for the type's default (spike 120 s, stuck 30 min,
+        drift 3 h, level_shift 2 h, night_load 24 h)."""
+        magnitude: float | None = None
+        """Size in the point's unit (added for spike, level_shift, night_load; reached at the end
+        of a drift)."""
+        magnitude_pct: float | None = None
+        """Size in % of the point's value when the anomaly starts, instead of ``magnitude``."""
+        counter: Id | None = None
+        """Counter that integrates the extra rate; by default ``energy_import_kwh`` (``*_kw``
+        points) or ``gas_volume_nm3`` (``*_nm3_h``) for level_shift and night_load, else none."""
+        night_start_hour: Annotated[float, Field(ge=0, lt=24)] = 22.0
+        night_end_hour: Annotated[float, Field(ge=0, lt=24)] = 6.0
+
+        @field_validator("start")
+        @classmethod
+        def _check_start(cls, value: float | str) -> float | str:
+            offset = r"^\+?\d+(?:\.\d+)?\s*(?:s|min|h|d)?$"  # 90, 90min, 2h after the start
+            if isinstance(value, str) and not re.match(offset, value.strip()):
+                try:
+                    datetime.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(
+                        f"expected seconds, an offset like '2h' or an ISO time, got {value!r}"
+                    ) from None
+            return value
+
+        @model_validator(mode="after")
+        def _check_anomaly(self) -> Self:
+            if self.duration_s is not None and self.duration_min is not None:
+                raise ValueError("give duration_s or duration_min, not both")
+            if self.type != "stuck" and (self.magnitude is None) == (self.magnitude_pct is None):
+                raise ValueError(f"a {self.type} anomaly needs exactly one of magnitude or magnitude_pct")
+            return self
+
+    class RandomAnomalies(_Frozen):
+        """A seeded random anomaly schedule: the same seed gives the same anomalies on the same days."""
+
+        per_day: Annotated[float, Field(gt=0, le=1000)]
+        """Mean number of anomalies per day on this device."""
+        types: Annotated[
+            tuple[Literal["spike", "stuck", "drift", "level_shift", "night_load"], ...], Field(min_length=1)
+        ] = ("spike", "stuck", "drift", "level_shift", "night_load")
+        points: Annotated[tuple[Id, ...], Field(min_length=1)] = ("active_power_kw",)
+        magnitude_pct: float | None = None
+        """Size of each anomaly in % of the point's value; by default spike 200, drift 30,
+        level_shift 30, night_load 50."""
+        seed: int | None = None
+        """Default: the device's seed."""
 
     profile: str = "flat"
     """Load shape: flat, office, production_2shift, production_3shift, hvac, lighting, pv, gas_boiler."""
@@ -215,8 +291,36 @@ class SimulationConfig(_Frozen):
     base_nm3_h: Annotated[float, Field(ge=0)] = 0.0
     peak_nm3_h: Annotated[float, Field(ge=0)] = 0.0
     capacity_kwh: Annotated[float, Field(ge=0)] = 0.0
+    """Battery capacity (100 % SOC); 0 means 100 kWh."""
     noise_pct: Annotated[float, Field(ge=0, le=50)] = 2.0
     seed: int | None = None
+    max_charge_kw: Annotated[float, Field(ge=0)] = 0.0
+    """Battery charge limit; 0 means half the capacity per hour."""
+    max_discharge_kw: Annotated[float, Field(ge=0)] = 0.0
+    soc_min_pct: Annotated[float, Field(ge=0, le=100)] = 10.0
+    soc_max_pct: Annotated[float, Field(ge=0, le=100)] = 90.0
+    initial_soc_pct: Annotated[float, Field(ge=0, le=100)] = 50.0
+    round_trip_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.9
+    time_constant_min: Annotated[float, Field(gt=0, le=1440)] = 15.0
+    """Chiller thermal lag of the supply temperature and the load."""
+    ballast_min_pct: Annotated[float, Field(ge=0, le=100)] = 10.0
+    """Lighting: share of full power the drivers draw at the lowest dim level."""
+    pressure_band_bar: Annotated[float, Field(gt=0, le=5)] = 1.0
+    """Air compressor: load/unload band around the pressure setpoint."""
+    jobs: tuple[Job, ...] = ()
+    """Production line: shiftable batch jobs."""
+    sums: tuple[Id, ...] = ()
+    """Power meter: ids of the devices it adds up (loads add, PV and battery discharge subtract)."""
+    anomalies: tuple[Anomaly, ...] = ()
+    random_anomalies: RandomAnomalies | None = None
+
+    @model_validator(mode="after")
+    def _check_simulation(self) -> Self:
+        if self.soc_min_pct >= self.soc_max_pct:
+            raise ValueError("soc_min_pct must be below soc_max_pct")
+        if len(set(self.sums)) != len(self.sums):
+            raise ValueError("sums lists a device twice")
+        return self
 
 
 class DeviceConfig(_Frozen):

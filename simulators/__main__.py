@@ -1,4 +1,4 @@
-"""Run the simulators of a site: ``python -m simulators --site FILE.json [--speed 1.0]``.
+"""Run the simulators of a site: ``python -m simulators --site FILE.json [--speed 1.0] [--labels F]``.
 
 The site file is the normalized site document (JSON) that ``scada simulate`` writes: templates
 expanded, every device with its points. Once every socket listens, one line goes to stdout::
@@ -8,6 +8,10 @@ expanded, every device with its points. Once every socket listens, one line goes
 Nothing else is written to stdout (a parent may stop reading it); logs go to stderr. SIGINT or
 SIGTERM stops the plant cleanly with exit code 0. A bad document exits with code 2 and a message on
 stderr naming the field; a socket that cannot be bound exits with code 1.
+
+``--start`` sets the simulated start time (ISO 8601; default: now), so a demo or a test can begin
+at a chosen hour; ``--labels FILE`` writes one JSON line per injected anomaly (device, point, type,
+start, end, magnitude...) as it starts in simulated time; the file is emptied first.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
+from scada.model import utc_now
+from simulators.anomalies import LabelFile
 from simulators.modbus_server import SimulatorError
 from simulators.plant import DocumentError, SimulatedPlant
 
@@ -40,16 +47,40 @@ def _positive(text: str) -> float:
     return value
 
 
+def _aware_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text}") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a UTC offset, e.g. {text}+08:00")
+    return when
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulators", description="Simulate a site's devices.")
     parser.add_argument("--site", required=True, type=Path, help="normalized site document (JSON)")
     parser.add_argument("--speed", type=_positive, default=1.0, help="simulated seconds per real second")
+    parser.add_argument(
+        "--start",
+        type=_aware_time,
+        default=None,
+        help="simulated start time, ISO 8601 with offset (default now)",
+    )
+    parser.add_argument("--labels", type=Path, default=None, help="write anomaly labels here (JSON lines)")
     parser.add_argument("--log-level", default="INFO", help="logging level for stderr (default INFO)")
     return parser
 
 
-def _load(path: Path, speed: float) -> SimulatedPlant:
+def _load(
+    path: Path, speed: float, *, start: datetime | None = None, labels: Path | None = None
+) -> SimulatedPlant:
     """Read and check the document; raise DocumentError naming the file and the field."""
+    if labels is not None:
+        try:
+            LabelFile(labels).truncate()  # fail now, not at the first anomaly
+        except OSError as err:
+            raise DocumentError(str(labels), f"cannot write labels: {err.strerror}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -59,7 +90,7 @@ def _load(path: Path, speed: float) -> SimulatedPlant:
     except json.JSONDecodeError as err:
         raise DocumentError(f"{path}:{err.lineno}:{err.colno}", f"not valid JSON: {err.msg}") from None
     try:
-        return SimulatedPlant.from_document(doc, speed=speed)
+        return SimulatedPlant.from_document(doc, speed=speed, start=start or utc_now(), labels=labels)
     except DocumentError as err:
         raise DocumentError(f"{path}: {err.field}", str(err).removeprefix(f"{err.field}: ")) from None
 
@@ -97,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it logs every listen and connection at INFO
     try:
-        plant = _load(args.site, args.speed)
+        plant = _load(args.site, args.speed, start=args.start, labels=args.labels)
     except DocumentError as err:
         sys.stderr.write(f"simulators: {err}\n")
         return EXIT_BAD_DOCUMENT

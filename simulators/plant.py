@@ -6,7 +6,11 @@ object per device and one :class:`~simulators.modbus_server.ModbusEndpoint` per 
 runs one tick task that moves simulated time on and refreshes the register images.
 
 Simulated time is ``start + speed * (real time since start())``, so a demo can run a day in minutes
-while counters still integrate consistently. The simulators never import the server's config
+while counters still integrate consistently. Devices are stepped in dependency order: a main meter
+that sums other devices (``simulation.sums``) after them. Devices with ``simulation.anomalies`` or
+``simulation.random_anomalies`` get an :class:`~simulators.anomalies.AnomalyInjector`; the labels of
+the anomalies that start are kept (bounded) and, with ``labels=path``, appended to a JSON-lines
+file from a worker thread. The simulators never import the server's config
 models (import-linter): the document is checked here, and errors name the field the way the site
 loader does (``devices[2] (b-line-1).points[0].modbus.type: ...``).
 """
@@ -14,26 +18,46 @@ loader does (``devices[2] (b-line-1).points[0].modbus.type: ...``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import graphlib
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from scada.model import DeviceKind, utc_now
+from simulators.anomalies import (
+    AnomalyConfigError,
+    AnomalyInjector,
+    AnomalyLabel,
+    LabelFile,
+    parse_anomalies,
+    parse_random_anomalies,
+)
 from simulators.modbus_server import ModbusEndpoint, SimulatedPoint, SimulatedUnit
-from simulators.physics import PROFILES, DevicePhysics, SimulationParams, make_physics
+from simulators.physics import (
+    PROFILES,
+    DevicePhysics,
+    JobSpec,
+    MainMeterPhysics,
+    SimulationParams,
+    make_physics,
+)
 
-__all__ = ["DEFAULT_TICK_S", "DocumentError", "SimulatedDevice", "SimulatedPlant"]
+__all__ = ["DEFAULT_TICK_S", "MAX_LABELS_KEPT", "DocumentError", "SimulatedDevice", "SimulatedPlant"]
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_TICK_S = 0.2
 """Real seconds between physics steps."""
+MAX_LABELS_KEPT = 10_000
+"""Anomaly labels kept in memory (:attr:`SimulatedPlant.labels`); older ones are dropped."""
 
 
 class DocumentError(ValueError):
@@ -67,6 +91,7 @@ class SimulatedPlant:
         start: datetime,
         speed: float = 1.0,
         tick_s: float = DEFAULT_TICK_S,
+        labels: Path | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
@@ -75,6 +100,7 @@ class SimulatedPlant:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
         self._devices = {d.device_id: d for d in devices}
+        self._stepping = _summed_first(devices)
         self._start = start
         self._speed = speed
         self._tick_s = tick_s
@@ -85,6 +111,10 @@ class SimulatedPlant:
         self._endpoints = [ModbusEndpoint(host, port, units) for (host, port), units in by_address.items()]
         self._t0_s: float | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._injectors = [d.physics.layer for d in devices if isinstance(d.physics.layer, AnomalyInjector)]
+        self._label_file = LabelFile(labels) if labels is not None else None
+        self._labels: collections.deque[AnomalyLabel] = collections.deque(maxlen=MAX_LABELS_KEPT)
+        self._unwritten: list[AnomalyLabel] = []
 
     # ----------------------------------------------------------------------------------------------
     # Building from a site document
@@ -97,8 +127,13 @@ class SimulatedPlant:
         speed: float = 1.0,
         start: datetime | None = None,
         tick_s: float = DEFAULT_TICK_S,
+        labels: Path | None = None,
     ) -> SimulatedPlant:
-        """Build the plant of a normalized site document; raise :class:`DocumentError` if unusable."""
+        """Build the plant of a normalized site document; raise :class:`DocumentError` if unusable.
+
+        ``labels`` names a JSON-lines file that receives one line per injected anomaly as it
+        starts; the plant empties it on its first write.
+        """
         if not isinstance(doc, Mapping):
             raise DocumentError("document", "expected a mapping with 'site' and 'devices'")
         site = doc.get("site") or {}
@@ -113,13 +148,15 @@ class SimulatedPlant:
         raw_devices = doc.get("devices")
         if not isinstance(raw_devices, list) or not raw_devices:
             raise DocumentError("devices", "expected a non-empty list of devices")
-        devices = [_device(raw, f"devices[{i}]", tz=tz, start=start) for i, raw in enumerate(raw_devices)]
+        drafts = [_draft(raw, f"devices[{i}]", tz=tz, start=start) for i, raw in enumerate(raw_devices)]
         seen: dict[str, int] = {}
+        for i, draft in enumerate(drafts):
+            if draft.device_id in seen:
+                raise DocumentError(f"devices[{i}].id", f"duplicate device id {draft.device_id!r}")
+            seen[draft.device_id] = i
+        devices = _build(drafts, tz=tz, start=start)
         used: dict[tuple[str, int, int], str] = {}
         for i, device in enumerate(devices):
-            if device.device_id in seen:
-                raise DocumentError(f"devices[{i}].id", f"duplicate device id {device.device_id!r}")
-            seen[device.device_id] = i
             slot = (device.host, device.port, device.unit_id)
             if slot in used:
                 raise DocumentError(
@@ -127,8 +164,10 @@ class SimulatedPlant:
                     f"unit {device.unit_id} on {device.host}:{device.port} is already used by {used[slot]!r}",
                 )
             used[slot] = device.device_id
+        order = {draft.device_id: i for i, draft in enumerate(drafts)}
+        devices.sort(key=lambda d: order[d.device_id])  # document order for endpoints and ids
         try:
-            return cls(devices, start=start, speed=speed, tick_s=tick_s)
+            return cls(devices, start=start, speed=speed, tick_s=tick_s, labels=labels)
         except ValueError as err:
             raise DocumentError("document", str(err)) from None
 
@@ -161,6 +200,11 @@ class SimulatedPlant:
             return self._start
         elapsed_s = asyncio.get_running_loop().time() - self._t0_s
         return self._start + timedelta(seconds=self._speed * elapsed_s)
+
+    @property
+    def labels(self) -> tuple[AnomalyLabel, ...]:
+        """Return the labels of the anomalies started so far (the last :data:`MAX_LABELS_KEPT`)."""
+        return tuple(self._labels)
 
     def device(self, device_id: str) -> DevicePhysics:
         """Return a device's physics, e.g. to ``override`` a variable in a test."""
@@ -199,6 +243,7 @@ class SimulatedPlant:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._stop_endpoints()
+        await self._write_labels()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -220,13 +265,39 @@ class SimulatedPlant:
             next_s += self._tick_s
             await asyncio.sleep(max(0.0, next_s - loop.time()))
             self._step()
+            await self._write_labels()
 
     def _step(self) -> None:
         now = self.now()
-        for device in self._devices.values():
-            device.physics.step(now)
+        for device_id in self._stepping:
+            self._devices[device_id].physics.step(now)
         for endpoint in self._endpoints:
             endpoint.refresh()
+        for injector in self._injectors:
+            for label in injector.drain_labels():
+                _LOGGER.info(
+                    "%s: %s anomaly on %s from %s to %s",
+                    label.device,
+                    label.type.value,
+                    label.point,
+                    label.start.isoformat(),
+                    label.end.isoformat(),
+                )
+                self._labels.append(label)
+                if self._label_file is not None:
+                    self._unwritten.append(label)
+
+    async def _write_labels(self) -> None:
+        """Append new labels to the labels file, off the event loop."""
+        if self._label_file is None or not self._unwritten:
+            return
+        batch, self._unwritten = self._unwritten, []
+        try:
+            await asyncio.to_thread(self._label_file.write, batch)
+        except OSError as err:
+            _LOGGER.warning(
+                "cannot write %d anomaly labels to %s: %s", len(batch), self._label_file.path, err
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +320,23 @@ def _section(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _device(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> SimulatedDevice:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Draft:
+    """A checked device of the document whose physics is not built yet (sums need an order)."""
+
+    device_id: str
+    path: str
+    kind: DeviceKind
+    host: str
+    port: int
+    unit_id: int
+    points: tuple[SimulatedPoint, ...]
+    params: SimulationParams | None
+    seed: int
+    injector: AnomalyInjector | None
+
+
+def _draft(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> _Draft:
     if not isinstance(raw, Mapping):
         raise DocumentError(path, "expected a mapping")
     device_id = _expect(raw.get("id"), str, f"{path}.id")
@@ -283,16 +370,105 @@ def _device(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> SimulatedD
     if not 0 <= unit_id <= 255:
         raise DocumentError(f"{path}.modbus.unit_id", f"{unit_id} is not a unit id (0..255)")
     points = tuple(_point(p, f"{path}.points[{i}]") for i, p in enumerate(raw_points))
-    params = _simulation(raw.get("simulation"), f"{path}.simulation")
+    simulation = raw.get("simulation")
+    params = _simulation(simulation, f"{path}.simulation")
     seed = params.seed if params is not None and params.seed is not None else zlib.crc32(device_id.encode())
-    physics = make_physics(kind, params, tz=tz, start=start, seed=seed, name=device_id)
-    try:
-        SimulatedUnit(device_id, unit_id, physics, points)  # checks register overlaps
-    except ValueError as err:
-        raise DocumentError(f"{path}.points", str(err)) from None
-    return SimulatedDevice(
-        device_id=device_id, kind=kind, host=host, port=port, unit_id=unit_id, physics=physics, points=points
+    injector = None
+    if isinstance(simulation, Mapping):
+        try:
+            specs = parse_anomalies(
+                device_id,
+                simulation.get("anomalies"),
+                path=f"{path}.simulation.anomalies",
+                tz=tz,
+                plant_start=start,
+            )
+            schedule = parse_random_anomalies(
+                simulation.get("random_anomalies"),
+                path=f"{path}.simulation.random_anomalies",
+                default_seed=seed,
+            )
+        except AnomalyConfigError as err:
+            raise DocumentError(err.field, str(err).removeprefix(f"{err.field}: ")) from None
+        if specs or schedule is not None:
+            injector = AnomalyInjector(device_id, specs, tz=tz, random=schedule)
+    return _Draft(
+        device_id=device_id,
+        path=path,
+        kind=kind,
+        host=host,
+        port=port,
+        unit_id=unit_id,
+        points=points,
+        params=params,
+        seed=seed,
+        injector=injector,
     )
+
+
+def _stepping_order(drafts: Sequence[_Draft]) -> list[_Draft]:
+    """Return the drafts with every summed device before the meter that sums it."""
+    by_id = {d.device_id: d for d in drafts}
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    for draft in drafts:
+        sums = draft.params.sums if draft.params is not None else ()
+        for i, part in enumerate(sums):
+            if part not in by_id:
+                raise DocumentError(f"{draft.path}.simulation.sums[{i}]", f"unknown device {part!r}")
+        sorter.add(draft.device_id, *sums)
+    try:
+        return [by_id[device_id] for device_id in sorter.static_order()]
+    except graphlib.CycleError as err:
+        cycle = " -> ".join(err.args[1])
+        raise DocumentError("simulation.sums", f"devices sum each other in a circle: {cycle}") from None
+
+
+def _summed_first(devices: Sequence[SimulatedDevice]) -> list[str]:
+    """Return device ids with every device a main meter sums before that meter."""
+    owner = {id(d.physics): d.device_id for d in devices}
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    for device in devices:
+        parts = device.physics.parts if isinstance(device.physics, MainMeterPhysics) else ()
+        sorter.add(device.device_id, *(owner[id(p)] for p in parts if id(p) in owner))
+    try:
+        return list(sorter.static_order())
+    except graphlib.CycleError as err:
+        raise ValueError(f"devices sum each other in a circle: {' -> '.join(err.args[1])}") from None
+
+
+def _build(drafts: Sequence[_Draft], *, tz: ZoneInfo, start: datetime) -> list[SimulatedDevice]:
+    """Build every device's physics, summed devices first."""
+    physics: dict[str, DevicePhysics] = {}
+    devices = []
+    for draft in _stepping_order(drafts):
+        sums = draft.params.sums if draft.params is not None else ()
+        made = make_physics(
+            draft.kind,
+            draft.params,
+            tz=tz,
+            start=start,
+            seed=draft.seed,
+            name=draft.device_id,
+            parts=[physics[part] for part in sums],
+        )
+        made.attach(draft.injector)
+        physics[draft.device_id] = made
+        try:
+            SimulatedUnit(draft.device_id, draft.unit_id, made, draft.points)  # checks register overlaps
+        except ValueError as err:
+            raise DocumentError(f"{draft.path}.points", str(err)) from None
+        devices.append(
+            SimulatedDevice(
+                device_id=draft.device_id,
+                kind=draft.kind,
+                host=draft.host,
+                port=draft.port,
+                unit_id=draft.unit_id,
+                physics=made,
+                points=draft.points,
+            )
+        )
+    return devices
 
 
 def _point(raw: Any, path: str) -> SimulatedPoint:
@@ -317,6 +493,25 @@ def _point(raw: Any, path: str) -> SimulatedPoint:
         raise DocumentError(f"{path}.modbus", str(err)) from None
 
 
+_PARAM_NUMBERS = (
+    "base_kw",
+    "peak_kw",
+    "base_nm3_h",
+    "peak_nm3_h",
+    "capacity_kwh",
+    "noise_pct",
+    "max_charge_kw",
+    "max_discharge_kw",
+    "soc_min_pct",
+    "soc_max_pct",
+    "initial_soc_pct",
+    "round_trip_efficiency",
+    "time_constant_min",
+    "ballast_min_pct",
+    "pressure_band_bar",
+)
+
+
 def _simulation(raw: Any, path: str) -> SimulationParams | None:
     if raw is None:
         return None
@@ -330,7 +525,7 @@ def _simulation(raw: Any, path: str) -> SimulationParams | None:
                 f"{path}.profile", f"unknown profile {profile!r} (use {', '.join(sorted(PROFILES))})"
             )
         fields["profile"] = profile
-    for name in ("base_kw", "peak_kw", "base_nm3_h", "peak_nm3_h", "capacity_kwh", "noise_pct"):
+    for name in _PARAM_NUMBERS:
         if raw.get(name) is not None:
             number = float(_expect(raw[name], (int, float), f"{path}.{name}"))
             if not number >= 0:
@@ -338,4 +533,28 @@ def _simulation(raw: Any, path: str) -> SimulationParams | None:
             fields[name] = number
     if raw.get("seed") is not None:
         fields["seed"] = _expect(raw["seed"], int, f"{path}.seed")
-    return SimulationParams(**fields)
+    if raw.get("jobs") is not None:
+        fields["jobs"] = tuple(
+            _job(job, f"{path}.jobs[{i}]") for i, job in enumerate(_expect(raw["jobs"], list, f"{path}.jobs"))
+        )
+    if raw.get("sums") is not None:
+        sums = _expect(raw["sums"], list, f"{path}.sums")
+        fields["sums"] = tuple(_expect(part, str, f"{path}.sums[{i}]") for i, part in enumerate(sums))
+    try:
+        return SimulationParams(**fields)
+    except ValueError as err:
+        raise DocumentError(path, str(err)) from None
+
+
+def _job(raw: Any, path: str) -> JobSpec:
+    if not isinstance(raw, Mapping):
+        raise DocumentError(path, "expected a mapping")
+    fields: dict[str, Any] = {}
+    for name in ("start_hour", "duration_h", "power_kw"):
+        fields[name] = float(_expect(raw.get(name), (int, float), f"{path}.{name}"))
+    if raw.get("workdays_only") is not None:
+        fields["workdays_only"] = _expect(raw["workdays_only"], bool, f"{path}.workdays_only")
+    try:
+        return JobSpec(**fields)
+    except ValueError as err:
+        raise DocumentError(path, str(err)) from None

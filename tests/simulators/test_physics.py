@@ -11,9 +11,15 @@ import pytest
 
 from simulators.physics import (
     LOAD_PROFILES,
+    AirCompressorPhysics,
+    BatteryPhysics,
+    BoilerPhysics,
+    ChillerPhysics,
     DevicePhysics,
     ElectricalLoadPhysics,
     GasMeterPhysics,
+    LightingPhysics,
+    ProductionLinePhysics,
     PvInverterPhysics,
     SimulationParams,
     load_shape,
@@ -234,8 +240,15 @@ def test_unknown_key_is_zero_with_one_warning(caplog: pytest.LogCaptureFixture) 
         ("pv_inverter", "flat", PvInverterPhysics),
         ("power_meter", "pv", PvInverterPhysics),
         ("gas_meter", "flat", GasMeterPhysics),
-        ("boiler", "gas_boiler", GasMeterPhysics),
-        ("chiller", "hvac", ElectricalLoadPhysics),
+        ("heat_meter", "gas_boiler", GasMeterPhysics),
+        ("power_meter", "office", ElectricalLoadPhysics),
+        ("weather_station", "flat", ElectricalLoadPhysics),
+        ("boiler", "gas_boiler", BoilerPhysics),
+        ("chiller", "hvac", ChillerPhysics),
+        ("battery", "flat", BatteryPhysics),
+        ("lighting", "lighting", LightingPhysics),
+        ("air_compressor", "production_3shift", AirCompressorPhysics),
+        ("production_line", "production_2shift", ProductionLinePhysics),
     ],
 )
 def test_make_physics_picks_by_kind_and_profile(

@@ -129,7 +129,8 @@ async def test_cli_serves_until_sigint_then_exits_zero(
 @pytest.mark.slow
 async def test_cli_stops_on_sigterm(simulators: tuple[asyncio.subprocess.Process, str]) -> None:
     proc, ready = simulators
-    assert ready.startswith("SIMULATORS READY")
+    assert proc.stderr is not None
+    assert ready.startswith("SIMULATORS READY"), (await proc.stderr.read()).decode()
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(10):
         await proc.wait()
@@ -179,6 +180,61 @@ async def test_cli_unreadable_or_invalid_json_exits_2(tmp_path: Path) -> None:
             _, stderr = await proc.communicate()
         assert proc.returncode == 2
         assert message in stderr.decode()
+
+
+@pytest.mark.slow
+async def test_cli_writes_anomaly_labels_from_the_chosen_start(
+    tmp_path: Path, ports: tuple[int, int]
+) -> None:
+    doc = document(*ports)
+    doc["devices"][0]["simulation"]["anomalies"] = [
+        {"type": "spike", "point": "active_power_kw", "start": "30min", "duration_s": 600, "magnitude": 5.0}
+    ]
+    site_file, labels = tmp_path / "site.json", tmp_path / "labels.jsonl"
+    site_file.write_text(json.dumps(doc), encoding="utf-8")
+    start = "2026-03-04T12:00:00+08:00"
+    proc = await spawn(site_file, "--speed", "3600", "--start", start, "--labels", str(labels))
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            assert (await proc.stdout.readline()).startswith(b"SIMULATORS READY")
+            while not labels.read_text(encoding="utf-8"):  # 30 simulated minutes: 0.5 s
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    [label] = [json.loads(line) for line in labels.read_text(encoding="utf-8").splitlines()]
+    assert label["device"] == "m1"
+    assert label["start"] == "2026-03-04T04:30:00+00:00"
+    assert label["end"] == "2026-03-04T04:40:00+00:00"
+    assert label["value_at_start"] == 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--start", "2026-03-04T12:00"), "give a UTC offset"),
+        (("--start", "noon"), "not an ISO 8601 time"),
+        (("--labels", "/nonexistent/dir/labels.jsonl"), "cannot write labels"),
+    ],
+)
+async def test_cli_bad_start_or_labels_exits_2(
+    tmp_path: Path, ports: tuple[int, int], args: tuple[str, ...], message: str
+) -> None:
+    site_file = tmp_path / "site.json"
+    site_file.write_text(json.dumps(document(*ports)), encoding="utf-8")
+    proc = await spawn(site_file, *args)
+    async with asyncio.timeout(20):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode == 2
+    assert message in stderr.decode()
+    assert stdout == b""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,3 +314,31 @@ async def test_a_taken_port_fails_start_and_leaves_nothing_open(ports: tuple[int
         assert not plant.running
     async with plant:  # the first endpoint was closed again: a retry can bind both
         assert plant.running
+
+
+async def test_a_main_meter_listed_first_sums_the_same_instant(ports: tuple[int, int]) -> None:
+    doc = document(*ports)
+    doc["devices"][0]["simulation"]["sums"] = ["m2", "pv"]  # m1 sums devices listed after it
+    doc["devices"][1]["simulation"] = {"profile": "office", "base_kw": 5, "peak_kw": 80}
+    start = datetime(2026, 3, 4, 0, tzinfo=UTC)  # 08:00 in Shanghai: office ramp and sunrise
+    plant = SimulatedPlant.from_document(doc, speed=7200.0, start=start, tick_s=0.02)
+    main, load, pv = plant.device("m1"), plant.device("m2"), plant.device("pv")
+    async with plant:
+        await wait_until(lambda: main.now >= start + timedelta(hours=2))
+    assert main.now == load.now == pv.now
+    expected_kw = 10.0 + load.value("active_power_kw") - pv.value("active_power_kw")
+    assert main.value("active_power_kw") == pytest.approx(expected_kw)
+    assert pv.value("active_power_kw") > 0
+
+
+async def test_a_write_the_device_cannot_honour_reads_back_what_it_holds(ports: tuple[int, int]) -> None:
+    async with SimulatedPlant.from_document(document(*ports)) as plant:
+        client = AsyncModbusTcpClient("127.0.0.1", port=ports[1], reconnect_delay=0, timeout=2, retries=0)
+        try:
+            assert await client.connect()
+            assert not (await client.write_register(0, 150, device_id=1)).isError()  # power_limit_pct
+            response = await client.read_holding_registers(0, count=1, device_id=1)
+        finally:
+            client.close()
+    assert response.registers == [100]  # the inverter caps at 100 %: the read-back shows the mismatch
+    assert plant.device("pv").value("power_limit_pct") == 100.0
