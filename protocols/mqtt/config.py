@@ -53,6 +53,11 @@ class MqttDeviceConfig(BaseModel):
     """Where the device answers commands, echoing the correlation id."""
     version: MqttVersion = MqttVersion.V5
     qos: Annotated[int, Field(ge=0, le=2)] = 1
+    """QoS of commands and their responses."""
+    telemetry_qos: Annotated[int, Field(ge=0, le=2)] = 1
+    """QoS of the telemetry subscription. 1 survives a broker hiccup without loss; 0 costs the broker
+    and the server less per message, which matters for thousands of devices at 1 Hz (see
+    docs/benchmarks.md)."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     """How long a command waits for the device's response."""
 
