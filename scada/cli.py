@@ -51,6 +51,7 @@ DEMO_SITE = Path(__file__).resolve().parent.parent / "examples" / "plant.yaml"
 SIMULATOR_READY_TIMEOUT_S = 30.0
 SIMULATOR_STOP_TIMEOUT_S = 10.0
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+LOCAL_MQTT_URL = "mqtt://127.0.0.1:1883"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,7 +216,11 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> NoReturn:
     site = load_site(args.config)
     document = write_normalized_site(site, settings.data_dir)
-    command = [sys.executable, "-m", "simulators", "--site", str(document), "--speed", str(args.speed)]
+    mqtt_url = settings.mqtt_url if settings.mqtt_url not in (None, EMBEDDED) else LOCAL_MQTT_URL
+    command = [
+        sys.executable,
+        *("-m", "simulators", "--site", str(document), "--speed", str(args.speed), "--mqtt-url", mqtt_url),
+    ]
     os.execv(sys.executable, command)  # noqa: S606 -- replace this process: signals go straight to it
 
 
@@ -242,7 +247,9 @@ async def _serve(
     try:
         async with running_services(settings) as endpoints, contextlib.AsyncExitStack() as stack:
             if simulators is not None:
-                await stack.enter_async_context(_simulator_process(site, settings, speed=simulators))
+                await stack.enter_async_context(
+                    _simulator_process(site, settings, speed=simulators, mqtt_url=endpoints.mqtt_url)
+                )
             runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
             _announce(runner, site, endpoints, demo=simulators is not None)
             await stop.wait()
@@ -268,7 +275,9 @@ async def _http_server(
 
 
 @contextlib.asynccontextmanager
-async def _simulator_process(site: SiteConfig, settings: Settings, *, speed: float) -> AsyncIterator[None]:
+async def _simulator_process(
+    site: SiteConfig, settings: Settings, *, speed: float, mqtt_url: str
+) -> AsyncIterator[None]:
     """Start ``python -m simulators`` for the site, wait until it listens, stop it on exit."""
     document = await asyncio.to_thread(write_normalized_site, site, settings.data_dir)
     proc = await asyncio.create_subprocess_exec(
@@ -279,6 +288,8 @@ async def _simulator_process(site: SiteConfig, settings: Settings, *, speed: flo
         str(document),
         "--speed",
         str(speed),
+        "--mqtt-url",
+        mqtt_url,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,  # our Ctrl-C is not theirs: we stop them
     )

@@ -3,7 +3,11 @@
 The site file is the normalized site document (JSON) that ``scada simulate`` writes: templates
 expanded, every device with its points. Once every socket listens, one line goes to stdout::
 
-    SIMULATORS READY <n> devices on <host:port> [<host:port> ...]
+    SIMULATORS READY <n> devices on <endpoint> [<endpoint> ...]
+
+where an endpoint is a Modbus ``host:port``, an OPC UA ``opc.tcp://`` URL or an MQTT fleet
+(``mqtt://broker (n devices ...)``). MQTT devices publish through the broker named by
+``--mqtt-url`` (default ``mqtt://127.0.0.1:1883``).
 
 Nothing else is written to stdout (a parent may stop reading it); logs go to stderr. SIGINT or
 SIGTERM stops the plant cleanly with exit code 0. A bad document exits with code 2 and a message on
@@ -29,6 +33,7 @@ from pathlib import Path
 from scada.model import utc_now
 from simulators.anomalies import LabelFile
 from simulators.modbus_server import SimulatorError
+from simulators.opcua_server import OpcUaSimulatorError
 from simulators.plant import DocumentError, SimulatedPlant
 
 __all__ = ["main"]
@@ -68,12 +73,20 @@ def _parser() -> argparse.ArgumentParser:
         help="simulated start time, ISO 8601 with offset (default now)",
     )
     parser.add_argument("--labels", type=Path, default=None, help="write anomaly labels here (JSON lines)")
+    parser.add_argument(
+        "--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker the MQTT devices publish through"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level for stderr (default INFO)")
     return parser
 
 
 def _load(
-    path: Path, speed: float, *, start: datetime | None = None, labels: Path | None = None
+    path: Path,
+    speed: float,
+    *,
+    start: datetime | None = None,
+    labels: Path | None = None,
+    mqtt_url: str | None = None,
 ) -> SimulatedPlant:
     """Read and check the document; raise DocumentError naming the file and the field."""
     if labels is not None:
@@ -90,7 +103,9 @@ def _load(
     except json.JSONDecodeError as err:
         raise DocumentError(f"{path}:{err.lineno}:{err.colno}", f"not valid JSON: {err.msg}") from None
     try:
-        return SimulatedPlant.from_document(doc, speed=speed, start=start or utc_now(), labels=labels)
+        return SimulatedPlant.from_document(
+            doc, speed=speed, start=start or utc_now(), labels=labels, mqtt_url=mqtt_url
+        )
     except DocumentError as err:
         raise DocumentError(f"{path}: {err.field}", str(err).removeprefix(f"{err.field}: ")) from None
 
@@ -105,8 +120,8 @@ async def _serve(plant: SimulatedPlant) -> int:
     try:
         await plant.start()
         try:
-            ports = " ".join(f"{host}:{port}" for host, port in plant.endpoints)
-            sys.stdout.write(f"SIMULATORS READY {len(plant.devices)} devices on {ports}\n")
+            servers = " ".join(plant.servers)
+            sys.stdout.write(f"SIMULATORS READY {len(plant.devices)} devices on {servers}\n")
             sys.stdout.flush()
             await stopping.wait()
             _LOGGER.info("stopping")
@@ -128,14 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it logs every listen and connection at INFO
     try:
-        plant = _load(args.site, args.speed, start=args.start, labels=args.labels)
+        plant = _load(args.site, args.speed, start=args.start, labels=args.labels, mqtt_url=args.mqtt_url)
     except DocumentError as err:
         sys.stderr.write(f"simulators: {err}\n")
         return EXIT_BAD_DOCUMENT
     try:
         return asyncio.run(_serve(plant))
-    except SimulatorError as err:
+    except (SimulatorError, OpcUaSimulatorError) as err:
         sys.stderr.write(f"simulators: {err}\n")
+        return EXIT_FAILED
+    except (OSError, TimeoutError) as err:
+        sys.stderr.write(f"simulators: MQTT broker {args.mqtt_url} unreachable: {err or 'timed out'}\n")
         return EXIT_FAILED
 
 

@@ -1,9 +1,16 @@
-"""A simulated plant: every device of a normalized site document, served over Modbus TCP.
+"""A simulated plant: every device of a normalized site document, over Modbus TCP, OPC UA and MQTT.
 
 The plant reads the *normalized site document* (``SiteConfig.model_dump(mode="json")`` after the
 site file is loaded: templates expanded, every device with its full ``points``), builds one physics
-object per device and one :class:`~simulators.modbus_server.ModbusEndpoint` per (host, port), and
-runs one tick task that moves simulated time on and refreshes the register images.
+object per device and serves each device the way its ``protocol`` says: one
+:class:`~simulators.modbus_server.ModbusEndpoint` per (host, port), one
+:class:`~simulators.opcua_server.OpcUaEndpoint` per endpoint URL, and one
+:class:`~simulators.mqtt_devices.MqttDeviceFleet` per (MQTT version, publish period) on the broker
+given as ``mqtt_url``. One tick task moves simulated time on and refreshes every endpoint.
+
+OPC UA devices are served without security (the site's client certificates belong to the server);
+MQTT devices publish their telemetry once per ``poll_period_s`` with wall-clock timestamps, so a
+server can tell an old sample from a fresh one whatever the simulation speed.
 
 Simulated time is ``start + speed * (real time since start())``, so a demo can run a day in minutes
 while counters still integrate consistently. Devices are stepped in dependency order: a main meter
@@ -41,6 +48,8 @@ from simulators.anomalies import (
     parse_random_anomalies,
 )
 from simulators.modbus_server import ModbusEndpoint, SimulatedPoint, SimulatedUnit
+from simulators.mqtt_devices import MqttDeviceFleet, MqttSimPoint, MqttSimTopics
+from simulators.opcua_server import OpcUaEndpoint, OpcUaSimPoint
 from simulators.physics import (
     PROFILES,
     DevicePhysics,
@@ -68,17 +77,49 @@ class DocumentError(ValueError):
         self.field = field
 
 
+_MqttServed = tuple[str, DevicePhysics, MqttSimTopics, Sequence[MqttSimPoint]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpcUaServing:
+    """How an OPC UA device is served: its endpoint URL and its variables."""
+
+    endpoint: str
+    points: tuple[OpcUaSimPoint, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttServing:
+    """How an MQTT device publishes: topics, protocol version, period, and payload fields."""
+
+    topics: MqttSimTopics
+    version: str
+    period_s: float
+    points: tuple[MqttSimPoint, ...]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimulatedDevice:
-    """One device of the plant: where it listens and what it simulates."""
+    """One device of the plant: where it is served and what it simulates.
+
+    ``host``, ``port``, ``unit_id`` and ``points`` describe a Modbus TCP device; an OPC UA or MQTT
+    device carries ``opcua`` or ``mqtt`` instead (and no Modbus points).
+    """
 
     device_id: str
     kind: DeviceKind
-    host: str
-    port: int
-    unit_id: int
+    host: str = ""
+    port: int = 0
+    unit_id: int = 0
     physics: DevicePhysics
-    points: tuple[SimulatedPoint, ...]
+    points: tuple[SimulatedPoint, ...] = ()
+    opcua: OpcUaServing | None = None
+    mqtt: MqttServing | None = None
+
+    @property
+    def protocol(self) -> str:
+        """Return ``modbus_tcp``, ``opcua`` or ``mqtt``."""
+        return "opcua" if self.opcua is not None else "mqtt" if self.mqtt is not None else "modbus_tcp"
 
 
 class SimulatedPlant:
@@ -92,6 +133,7 @@ class SimulatedPlant:
         speed: float = 1.0,
         tick_s: float = DEFAULT_TICK_S,
         labels: Path | None = None,
+        mqtt_url: str | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be positive")
@@ -105,10 +147,36 @@ class SimulatedPlant:
         self._speed = speed
         self._tick_s = tick_s
         by_address: dict[tuple[str, int], list[SimulatedUnit]] = {}
+        by_url: dict[str, list[tuple[str, DevicePhysics, Sequence[OpcUaSimPoint]]]] = {}
+        by_fleet: dict[
+            tuple[str, float], list[tuple[str, DevicePhysics, MqttSimTopics, Sequence[MqttSimPoint]]]
+        ]
+        by_fleet = {}
         for d in devices:
-            unit = SimulatedUnit(d.device_id, d.unit_id, d.physics, d.points)
-            by_address.setdefault((d.host, d.port), []).append(unit)
+            if d.opcua is not None:
+                by_url.setdefault(d.opcua.endpoint, []).append((d.device_id, d.physics, d.opcua.points))
+            elif d.mqtt is not None:
+                fleet_key = (d.mqtt.version, d.mqtt.period_s)
+                by_fleet.setdefault(fleet_key, []).append(
+                    (d.device_id, d.physics, d.mqtt.topics, d.mqtt.points)
+                )
+            else:
+                unit = SimulatedUnit(d.device_id, d.unit_id, d.physics, d.points)
+                by_address.setdefault((d.host, d.port), []).append(unit)
+        if by_fleet and mqtt_url is None:
+            raise ValueError("the site has MQTT devices: give the broker's URL (--mqtt-url)")
         self._endpoints = [ModbusEndpoint(host, port, units) for (host, port), units in by_address.items()]
+        self._opcua = [OpcUaEndpoint(url, served) for url, served in by_url.items()]
+        self._fleets = [
+            MqttDeviceFleet(
+                mqtt_url or "",
+                served,
+                publish_period_s=period_s,
+                version=version,
+                client_id_prefix=f"carbonos-sim-{version.replace('.', '')}-{period_s:g}",
+            )
+            for (version, period_s), served in by_fleet.items()
+        ]
         self._t0_s: float | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._injectors = [d.physics.layer for d in devices if isinstance(d.physics.layer, AnomalyInjector)]
@@ -128,6 +196,7 @@ class SimulatedPlant:
         start: datetime | None = None,
         tick_s: float = DEFAULT_TICK_S,
         labels: Path | None = None,
+        mqtt_url: str | None = None,
     ) -> SimulatedPlant:
         """Build the plant of a normalized site document; raise :class:`DocumentError` if unusable.
 
@@ -157,6 +226,8 @@ class SimulatedPlant:
         devices = _build(drafts, tz=tz, start=start)
         used: dict[tuple[str, int, int], str] = {}
         for i, device in enumerate(devices):
+            if device.protocol != "modbus_tcp":
+                continue
             slot = (device.host, device.port, device.unit_id)
             if slot in used:
                 raise DocumentError(
@@ -167,7 +238,7 @@ class SimulatedPlant:
         order = {draft.device_id: i for i, draft in enumerate(drafts)}
         devices.sort(key=lambda d: order[d.device_id])  # document order for endpoints and ids
         try:
-            return cls(devices, start=start, speed=speed, tick_s=tick_s, labels=labels)
+            return cls(devices, start=start, speed=speed, tick_s=tick_s, labels=labels, mqtt_url=mqtt_url)
         except ValueError as err:
             raise DocumentError("document", str(err)) from None
 
@@ -186,8 +257,25 @@ class SimulatedPlant:
 
     @property
     def endpoints(self) -> tuple[tuple[str, int], ...]:
-        """Return the (host, port) of every listening socket, in document order."""
-        return tuple((e.host, e.port) for e in self._endpoints)
+        """Return the (host, port) of every listening socket: Modbus first, then OPC UA."""
+        return (*((e.host, e.port) for e in self._endpoints), *((e.host, e.port) for e in self._opcua))
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """Return a description of every endpoint and MQTT fleet, for logs and the READY line."""
+        return tuple(str(e) for e in (*self._endpoints, *self._opcua, *self._fleets))
+
+    def opcua_endpoint(self, url: str) -> OpcUaEndpoint:
+        """Return the OPC UA endpoint serving ``url`` (e.g. to set a status code in a test)."""
+        for endpoint in self._opcua:
+            if str(endpoint.endpoint_url) == url:
+                return endpoint
+        raise KeyError(f"no OPC UA endpoint {url!r}")
+
+    @property
+    def mqtt_fleets(self) -> tuple[MqttDeviceFleet, ...]:
+        """Return the simulated MQTT fleets (e.g. to silence a device in a test)."""
+        return tuple(self._fleets)
 
     @property
     def running(self) -> bool:
@@ -223,6 +311,10 @@ class SimulatedPlant:
         try:
             for endpoint in self._endpoints:
                 await endpoint.start()
+            for opcua in self._opcua:
+                await opcua.start()
+            for fleet in self._fleets:
+                await fleet.start()
         except BaseException:
             await self._stop_endpoints()
             raise
@@ -230,7 +322,7 @@ class SimulatedPlant:
         _LOGGER.info(
             "simulating %d devices on %s at %gx speed from %s",
             len(self._devices),
-            ", ".join(str(e) for e in self._endpoints),
+            ", ".join(self.servers),
             self._speed,
             self._start.isoformat(),
         )
@@ -255,6 +347,10 @@ class SimulatedPlant:
         await self.stop()
 
     async def _stop_endpoints(self) -> None:
+        for fleet in self._fleets:
+            await fleet.stop()
+        for opcua in self._opcua:
+            await opcua.stop()
         for endpoint in self._endpoints:
             await endpoint.stop()
 
@@ -273,6 +369,10 @@ class SimulatedPlant:
             self._devices[device_id].physics.step(now)
         for endpoint in self._endpoints:
             endpoint.refresh()
+        for opcua in self._opcua:
+            opcua.refresh()
+        for fleet in self._fleets:
+            fleet.refresh()
         for injector in self._injectors:
             for label in injector.drain_labels():
                 _LOGGER.info(
@@ -327,10 +427,12 @@ class _Draft:
     device_id: str
     path: str
     kind: DeviceKind
-    host: str
-    port: int
-    unit_id: int
-    points: tuple[SimulatedPoint, ...]
+    host: str = ""
+    port: int = 0
+    unit_id: int = 0
+    points: tuple[SimulatedPoint, ...] = ()
+    opcua: OpcUaServing | None = None
+    mqtt: MqttServing | None = None
     params: SimulationParams | None
     seed: int
     injector: AnomalyInjector | None
@@ -359,17 +461,17 @@ def _draft(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> _Draft:
         raise DocumentError(f"{path}.kind", f"unknown device kind {kind_name!r} (use {allowed})")
     kind = DeviceKind(kind_name)
     protocol = raw.get("protocol", "modbus_tcp")
-    if protocol != "modbus_tcp":
-        raise DocumentError(f"{path}.protocol", f"cannot simulate protocol {protocol!r} (only modbus_tcp)")
-    modbus = _section(raw, "modbus", path)
-    host = _expect(modbus.get("host"), str, f"{path}.modbus.host")
-    port = _expect(modbus.get("port", 502), int, f"{path}.modbus.port")
-    if not 1 <= port <= 65535:
-        raise DocumentError(f"{path}.modbus.port", f"{port} is not a TCP port (1..65535)")
-    unit_id = _expect(modbus.get("unit_id", 1), int, f"{path}.modbus.unit_id")
-    if not 0 <= unit_id <= 255:
-        raise DocumentError(f"{path}.modbus.unit_id", f"{unit_id} is not a unit id (0..255)")
-    points = tuple(_point(p, f"{path}.points[{i}]") for i, p in enumerate(raw_points))
+    serving: dict[str, Any]
+    if protocol == "modbus_tcp":
+        serving = _modbus_serving(raw, raw_points, path)
+    elif protocol == "opcua":
+        serving = {"opcua": _opcua_serving(raw, raw_points, path)}
+    elif protocol == "mqtt":
+        serving = {"mqtt": _mqtt_serving(raw, raw_points, path)}
+    else:
+        raise DocumentError(
+            f"{path}.protocol", f"cannot simulate protocol {protocol!r} (use modbus_tcp, opcua or mqtt)"
+        )
     simulation = raw.get("simulation")
     params = _simulation(simulation, f"{path}.simulation")
     seed = params.seed if params is not None and params.seed is not None else zlib.crc32(device_id.encode())
@@ -393,17 +495,94 @@ def _draft(raw: Any, path: str, *, tz: ZoneInfo, start: datetime) -> _Draft:
         if specs or schedule is not None:
             injector = AnomalyInjector(device_id, specs, tz=tz, random=schedule)
     return _Draft(
-        device_id=device_id,
-        path=path,
-        kind=kind,
-        host=host,
-        port=port,
-        unit_id=unit_id,
-        points=points,
-        params=params,
-        seed=seed,
-        injector=injector,
+        device_id=device_id, path=path, kind=kind, params=params, seed=seed, injector=injector, **serving
     )
+
+
+def _modbus_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) -> dict[str, Any]:
+    modbus = _section(raw, "modbus", path)
+    host = _expect(modbus.get("host"), str, f"{path}.modbus.host")
+    port = _expect(modbus.get("port", 502), int, f"{path}.modbus.port")
+    if not 1 <= port <= 65535:
+        raise DocumentError(f"{path}.modbus.port", f"{port} is not a TCP port (1..65535)")
+    unit_id = _expect(modbus.get("unit_id", 1), int, f"{path}.modbus.unit_id")
+    if not 0 <= unit_id <= 255:
+        raise DocumentError(f"{path}.modbus.unit_id", f"{unit_id} is not a unit id (0..255)")
+    points = tuple(_point(p, f"{path}.points[{i}]") for i, p in enumerate(raw_points))
+    return {"host": host, "port": port, "unit_id": unit_id, "points": points}
+
+
+def _engineering(raw: Mapping[str, Any], path: str) -> dict[str, Any]:
+    return {
+        "scale": _expect(raw.get("scale", 1.0), (int, float), f"{path}.scale"),
+        "offset": _expect(raw.get("offset", 0.0), (int, float), f"{path}.offset"),
+        "writable": _expect(raw.get("writable", False), bool, f"{path}.writable"),
+    }
+
+
+def _opcua_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) -> OpcUaServing:
+    section = _section(raw, "opcua", path)
+    endpoint = _expect(section.get("endpoint"), str, f"{path}.opcua.endpoint")
+    points: list[OpcUaSimPoint] = []
+    for index, point in enumerate(raw_points):
+        where = f"{path}.points[{index}]"
+        if not isinstance(point, Mapping):
+            raise DocumentError(where, "expected a mapping")
+        key = _expect(point.get("key"), str, f"{where}.key")
+        where = f"{where} ({key})"
+        opcua = _section(point, "opcua", where)
+        method = opcua.get("method")
+        if method is not None:
+            method_map = _section(opcua, "method", f"{where}.opcua")
+            method = (
+                _expect(method_map.get("object_id"), str, f"{where}.opcua.method.object_id"),
+                _expect(method_map.get("method_id"), str, f"{where}.opcua.method.method_id"),
+            )
+        try:
+            points.append(
+                OpcUaSimPoint(
+                    key=key,
+                    node_id=_expect(opcua.get("node_id"), str, f"{where}.opcua.node_id"),
+                    method=method,
+                    **_engineering(point, where),
+                )
+            )
+        except ValueError as err:
+            raise DocumentError(f"{where}.opcua", str(err)) from None
+    return OpcUaServing(endpoint=endpoint, points=tuple(points))
+
+
+def _mqtt_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) -> MqttServing:
+    section = raw.get("mqtt") or {}
+    if not isinstance(section, Mapping):
+        raise DocumentError(f"{path}.mqtt", "expected a mapping")
+    defaults = MqttSimTopics()
+    topics = MqttSimTopics(
+        telemetry_topic=_expect(
+            section.get("telemetry_topic", defaults.telemetry_topic), str, f"{path}.mqtt"
+        ),
+        command_topic=_expect(section.get("command_topic", defaults.command_topic), str, f"{path}.mqtt"),
+        response_topic=_expect(section.get("response_topic", defaults.response_topic), str, f"{path}.mqtt"),
+        qos=_expect(section.get("qos", 1), int, f"{path}.mqtt.qos"),
+    )
+    version = str(section.get("version", "5"))
+    period_s = float(_expect(raw.get("poll_period_s", 1.0), (int, float), f"{path}.poll_period_s"))
+    points: list[MqttSimPoint] = []
+    for index, point in enumerate(raw_points):
+        where = f"{path}.points[{index}]"
+        if not isinstance(point, Mapping):
+            raise DocumentError(where, "expected a mapping")
+        key = _expect(point.get("key"), str, f"{where}.key")
+        where = f"{where} ({key})"
+        mqtt = point.get("mqtt") or {}
+        field = _expect(
+            mqtt.get("field", key) if isinstance(mqtt, Mapping) else key, str, f"{where}.mqtt.field"
+        )
+        try:
+            points.append(MqttSimPoint(key=key, field=field, **_engineering(point, where)))
+        except ValueError as err:
+            raise DocumentError(where, str(err)) from None
+    return MqttServing(topics=topics, version=version, period_s=period_s, points=tuple(points))
 
 
 def _stepping_order(drafts: Sequence[_Draft]) -> list[_Draft]:
@@ -453,10 +632,11 @@ def _build(drafts: Sequence[_Draft], *, tz: ZoneInfo, start: datetime) -> list[S
         )
         made.attach(draft.injector)
         physics[draft.device_id] = made
-        try:
-            SimulatedUnit(draft.device_id, draft.unit_id, made, draft.points)  # checks register overlaps
-        except ValueError as err:
-            raise DocumentError(f"{draft.path}.points", str(err)) from None
+        if draft.opcua is None and draft.mqtt is None:
+            try:
+                SimulatedUnit(draft.device_id, draft.unit_id, made, draft.points)  # checks register overlaps
+            except ValueError as err:
+                raise DocumentError(f"{draft.path}.points", str(err)) from None
         devices.append(
             SimulatedDevice(
                 device_id=draft.device_id,
@@ -466,6 +646,8 @@ def _build(drafts: Sequence[_Draft], *, tz: ZoneInfo, start: datetime) -> list[S
                 unit_id=draft.unit_id,
                 physics=made,
                 points=draft.points,
+                opcua=draft.opcua,
+                mqtt=draft.mqtt,
             )
         )
     return devices
