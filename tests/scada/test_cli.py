@@ -15,7 +15,7 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
     assert "OK: site 'suzhou-demo'" in out
-    assert "37 devices" in out
+    assert "41 devices" in out
 
 
 def test_check_config_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
