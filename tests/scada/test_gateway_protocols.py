@@ -8,8 +8,10 @@ watches what its sessions publish and what its command path answers.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from _session_helpers import wait_until
@@ -180,3 +182,37 @@ async def test_a_silent_mqtt_device_goes_stale_and_a_stopped_opcua_server_offlin
         assert offline.quality.code is QualityCode.BAD
         assert offline.quality.reason.startswith("device offline")
         assert gateway.sessions["meter"].availability is Availability.ONLINE  # the others carry on
+
+
+async def test_old_pushed_samples_and_bad_payloads_never_pass_for_fresh_data(site: SiteConfig) -> None:
+    sink = Sink()
+    async with running(site, sink) as (plant, gateway):
+        await wait_until(lambda: bool(sink.good("pv.irradiance_w_m2")), 15)
+        (fleet,) = plant.mqtt_fleets
+        fleet.silence("pv")  # only our hand-made messages from now on
+        old = datetime.now(UTC) - timedelta(minutes=5)
+        fleet.publish_raw("pv", json.dumps({"ts": old.isoformat(), "values": {"G": 123.0}}).encode())
+        fleet.publish_raw("pv", b'{"ts": "2026-01-0')  # truncated
+        fleet.publish_raw("pv", json.dumps({"values": {"G": "bright"}}).encode())  # not a number
+        await wait_until(lambda: any(r.value == 123.0 for r in sink.readings), 10)
+        await wait_until(lambda: len(sink.rejects) >= 1, 10)
+        await wait_until(
+            lambda: any(
+                "expected a number, got a string" in r.quality.reason
+                for r in sink.readings
+                if r.point == "pv.irradiance_w_m2"
+            ),
+            10,
+        )
+        assert gateway.sessions["pv"].stats.old_samples >= 1
+    replayed = next(r for r in sink.readings if r.value == 123.0)
+    assert replayed.ts == old  # the device's own timestamp is kept
+    assert replayed.quality.code is QualityCode.UNCERTAIN
+    assert replayed.quality.reason.startswith("stale: measured 300 s before it arrived")
+    origin, payload, reason = sink.rejects[0]
+    assert payload == b'{"ts": "2026-01-0'
+    assert "pv" in origin
+    assert reason
+    not_a_number = next(r for r in sink.readings if "got a string" in r.quality.reason)
+    assert not_a_number.quality.code is QualityCode.BAD
+    assert not_a_number.value is None
