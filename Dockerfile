@@ -35,7 +35,8 @@ COPY simulators ./simulators
 COPY examples ./examples
 # In compose the simulators are a host of their own, `simulators`: derive that site file from the
 # example (the simulators bind the host name too, which inside their container is their own address).
-RUN sed 's/host: 127\.0\.0\.1/host: simulators/' examples/plant.yaml > examples/plant.compose.yaml \
+RUN sed -e 's/host: 127\.0\.0\.1/host: simulators/' -e 's#opc\.tcp://127\.0\.0\.1:#opc.tcp://simulators:#' \
+        examples/plant.yaml > examples/plant.compose.yaml \
     && scada check-config examples/plant.compose.yaml
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
