@@ -36,7 +36,7 @@ from scada.model import (
     ServiceError,
     StreamName,
 )
-from scada.runtime import SystemClock
+from scada.runtime import SystemClock, tune_gc_for_server
 from scada.services import Endpoints, running_services
 from scada.settings import EMBEDDED, Settings
 from streams.bus import stream_key
@@ -251,6 +251,7 @@ async def _serve(
                     _simulator_process(site, settings, speed=simulators, mqtt_url=endpoints.mqtt_url)
                 )
             runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
+            tune_gc_for_server()  # every role is up: freeze what start-up built (docs/sessions.md)
             _announce(runner, site, endpoints, demo=simulators is not None)
             await stop.wait()
             _LOGGER.info("stopping")

@@ -9,6 +9,10 @@ Scaling follows the site file: ``engineering = raw * scale + offset``. Encoding 
 to the nearest integer for integer types and refuses values that do not fit, because silently
 clamping a setpoint is a control decision that belongs to the dispatcher, not to a codec.
 
+The hot path of a poll decodes straight from the answer's bytes with :func:`compile_decoder`: one
+precompiled ``struct`` per point layout (shared by every device with that layout), the same values
+as :func:`decode_point` at a fraction of the cost, which matters at ten thousand polls a second.
+
 Block compilation turns a register map into as few requests as the device allows: points of one
 table are sorted by address and merged while the block stays within ``max_block_registers`` (at
 most 2000 bits for bit tables) and each hole it spans is at most ``max_gap_registers`` long.
@@ -16,9 +20,10 @@ most 2000 bits for bit tables) and each hole it spans is at most ``max_gap_regis
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -30,6 +35,7 @@ __all__ = [
     "EncodeError",
     "ReadBlock",
     "compile_blocks",
+    "compile_decoder",
     "decode_point",
     "decode_raw",
     "encode_point",
@@ -251,6 +257,64 @@ def encode_point(
     """
     raw = from_engineering(value, config.type, scale=scale, offset=offset)
     return encode_raw(raw, config.type, word_order=config.word_order, byte_order=config.byte_order)
+
+
+PointDecoder = Callable[[bytes, int], float]
+"""``decoder(data, start)``: the engineering value of the point whose first register is at byte
+``start`` of ``data`` (the registers of a read answer, as they came off the wire)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_decoder(
+    data_type: DataType,
+    word_order: WordOrder = WordOrder.BIG,
+    byte_order: ByteOrder = ByteOrder.BIG,
+    scale: float = 1.0,
+    offset: float = 0.0,
+) -> PointDecoder:
+    """Return a fast decoder for one register layout and scaling; equal to :func:`decode_point`.
+
+    Decoders are cached by layout, so ten thousand meters of one model share five decoders.
+    Register tables only (bits are decoded by :func:`decode_point`).
+
+    Examples
+    --------
+    >>> decode = compile_decoder(DataType.FLOAT32)
+    >>> decode(bytes.fromhex("0000 42f6e979"), 2)
+    123.45600128173828
+    >>> compile_decoder(DataType.UINT32, WordOrder.LITTLE, ByteOrder.LITTLE)(bytes.fromhex("78563412"), 0)
+    305419896.0
+    >>> compile_decoder(DataType.UINT16, scale=0.1, offset=-10.0)(bytes.fromhex("0929"), 0)
+    224.5
+    """
+    if data_type is DataType.BOOL:
+        raise ValueError("bits are not decoded from register bytes")
+    size = 2 * data_type.register_count
+    layout = struct.Struct(f">{_STRUCT_FORMAT[data_type]}")
+    unpack_from, unpack = layout.unpack_from, layout.unpack
+    # Byte i of the big-endian value is byte order[i] of the value's registers as sent.
+    order = list(range(size))
+    if byte_order is ByteOrder.LITTLE:
+        order = [i ^ 1 for i in order]
+    if word_order is WordOrder.LITTLE:
+        order = [2 * (size // 2 - 1 - i // 2) + i % 2 for i in order]
+    divisor = 1.0 / scale
+    decimal = abs(scale) < 1 and divisor == round(divisor)  # as to_engineering: 939 x 0.001 = 0.939
+
+    def raw_in_order(data: bytes, start: int) -> float:
+        return float(unpack_from(data, start)[0])
+
+    def raw_reordered(data: bytes, start: int) -> float:
+        return float(unpack(bytes([data[start + i] for i in order]))[0])
+
+    raw_of = raw_in_order if order == sorted(order) else raw_reordered
+
+    if scale == 1.0 and offset == 0.0:
+        return raw_of
+    if decimal:
+        steps = round(divisor)
+        return lambda data, start: raw_of(data, start) / steps + offset
+    return lambda data, start: raw_of(data, start) * scale + offset
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Modbus TCP driver: translate block reads and single writes into readings; supervise nothing.
 
-The driver implements :class:`scada.model.Driver`. It never retries and never reconnects: pymodbus'
-own reconnect and retry machinery is switched off, and every failure is raised as a kernel error so
-the device's session decides when to try again (STYLE.md: drivers translate, sessions supervise).
+The driver implements :class:`scada.model.Driver`. It never retries and never reconnects: every
+failure is raised as a kernel error so the device's session decides when to try again (STYLE.md:
+drivers translate, sessions supervise). The wire is :mod:`protocols.modbus.transport`, a lean
+client on ``asyncio.Protocol``: a gateway polls thousands of devices a second, and a library client
+costs several times more CPU and memory per request (docs/protocols.md has the figures).
 
 Error and quality mapping
 -------------------------
@@ -10,7 +12,8 @@ Error and quality mapping
 
     cannot connect, connection lost, no answer within timeout_s      -> DeviceUnavailable
     gateway exception 10 or 11 (target device does not answer)      -> DeviceUnavailable
-    answer with the wrong function code or register count           -> DeviceProtocolError
+    answer with the wrong function code, unit id, transaction id,
+    byte count or length, or a bad MBAP header                       -> DeviceProtocolError (dropped)
     exception response to a block read                              -> bad quality for the block's
                                                                        points, e.g. "exception 2:
                                                                        illegal data address"
@@ -32,22 +35,39 @@ injected clock only stamps readings, so a simulation or a test can run on its ow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Final, TypeVar
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.pdu import ModbusPDU
-
-from protocols.modbus.codec import EncodeError, ReadBlock, compile_blocks, decode_point, encode_point
+from protocols.modbus.codec import (
+    EncodeError,
+    PointDecoder,
+    ReadBlock,
+    compile_blocks,
+    compile_decoder,
+    decode_point,
+    encode_point,
+)
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig, RegisterTable
+from protocols.modbus.transport import (
+    FC_READ_COILS,
+    FC_READ_DISCRETE_INPUTS,
+    FC_READ_HOLDING_REGISTERS,
+    FC_READ_INPUT_REGISTERS,
+    FC_WRITE_MULTIPLE_REGISTERS,
+    FC_WRITE_SINGLE_COIL,
+    FC_WRITE_SINGLE_REGISTER,
+    ConnectionClosed,
+    ExceptionResponse,
+    FrameError,
+    ModbusConnection,
+    open_connection,
+)
 from scada.model import (
+    Acquisition,
     Clock,
     DeviceError,
     DeviceId,
@@ -56,6 +76,7 @@ from scada.model import (
     PointId,
     Quality,
     Reading,
+    RequestRejected,
 )
 
 __all__ = ["ModbusDriver", "ModbusPointSpec", "PointRejected", "describe_exception"]
@@ -76,17 +97,15 @@ _EXCEPTION_NAMES: Final = {
 }
 _ILLEGAL_DATA_ADDRESS: Final = 2
 _GATEWAY_EXCEPTIONS: Final = frozenset({10, 11})
-_READERS: Final[Mapping[RegisterTable, tuple[int, Callable[..., Awaitable[ModbusPDU]]]]] = {
-    RegisterTable.COIL: (1, AsyncModbusTcpClient.read_coils),
-    RegisterTable.DISCRETE_INPUT: (2, AsyncModbusTcpClient.read_discrete_inputs),
-    RegisterTable.HOLDING: (3, AsyncModbusTcpClient.read_holding_registers),
-    RegisterTable.INPUT: (4, AsyncModbusTcpClient.read_input_registers),
+_READ_FUNCTION: Final[Mapping[RegisterTable, int]] = {
+    RegisterTable.COIL: FC_READ_COILS,
+    RegisterTable.DISCRETE_INPUT: FC_READ_DISCRETE_INPUTS,
+    RegisterTable.HOLDING: FC_READ_HOLDING_REGISTERS,
+    RegisterTable.INPUT: FC_READ_INPUT_REGISTERS,
 }
-"""Function code and client method of the block read for each table."""
-_LIBRARY_TIMEOUT_MARGIN_S: Final = 1.0
-"""pymodbus' own timeout is set this much longer than ours, so ``asyncio.timeout`` always decides."""
+"""Function code of the block read of each table."""
 
-_Call = Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]
+_T = TypeVar("_T")
 
 
 def describe_exception(code: int) -> str:
@@ -100,10 +119,11 @@ def describe_exception(code: int) -> str:
     return f"exception {code}: {_EXCEPTION_NAMES.get(code, 'unknown exception code')}"
 
 
-class PointRejected(DeviceError):
+class PointRejected(RequestRejected):
     """The request names a point this driver does not serve or a value the point cannot take.
 
-    Raised before anything is sent, so the device is not to blame and stays online.
+    Raised before anything is sent, so the device is not to blame and stays online (the kernel's
+    :class:`RequestRejected`, which the command path reports as FAILED: never applied).
     """
 
 
@@ -128,6 +148,17 @@ class ModbusPointSpec:
 class ModbusDriver:
     """Talk to one Modbus TCP device (one unit id): block reads, single writes, read-back."""
 
+    __slots__ = (
+        "_clock",
+        "_config",
+        "_connection",
+        "_device",
+        "_last_request_end_s",
+        "_lock",
+        "_plans",
+        "_specs",
+    )
+
     def __init__(
         self,
         device: str,
@@ -144,12 +175,13 @@ class ModbusDriver:
             if spec.point in self._specs:
                 raise ValueError(f"{device}: point {spec.point} is configured twice")
             self._specs[spec.point] = spec
-        self._blocks: list[ReadBlock[PointId]] = compile_blocks(
+        blocks = compile_blocks(
             ((s.point, s.config) for s in points),
             max_block_registers=config.max_block_registers,
             max_gap_registers=config.max_gap_registers,
         )
-        self._client: AsyncModbusTcpClient | None = None
+        self._plans = [_BlockPlan(block, self._specs) for block in blocks]
+        self._connection: ModbusConnection | None = None
         self._lock = asyncio.Lock()  # one request at a time: pacing and the drop-on-timeout rule need it
         self._last_request_end_s = -math.inf
 
@@ -159,6 +191,11 @@ class ModbusDriver:
         return self._device
 
     @property
+    def acquisition(self) -> Acquisition:
+        """Return POLL: Modbus devices answer requests and never push."""
+        return Acquisition.POLL
+
+    @property
     def points(self) -> tuple[PointId, ...]:
         """Return the ids of every configured point, in configuration order."""
         return tuple(self._specs)
@@ -166,12 +203,12 @@ class ModbusDriver:
     @property
     def blocks(self) -> tuple[ReadBlock[PointId], ...]:
         """Return the block reads one :meth:`read` issues (after any splits)."""
-        return tuple(self._blocks)
+        return tuple(plan.block for plan in self._plans)
 
     @property
     def connected(self) -> bool:
         """Return True while a connection is open."""
-        return self._client is not None and self._client.connected
+        return self._connection is not None and self._connection.connected
 
     def __repr__(self) -> str:
         cfg = self._config
@@ -186,21 +223,16 @@ class ModbusDriver:
             return
         self._drop()
         cfg = self._config
-        client = AsyncModbusTcpClient(
-            cfg.host,
-            port=cfg.port,
-            name=f"modbus:{self._device}",
-            reconnect_delay=0,  # 0 disables pymodbus' reconnect task: the session owns reconnects
-            reconnect_delay_max=0,
-            timeout=cfg.timeout_s + _LIBRARY_TIMEOUT_MARGIN_S,
-            retries=0,  # the session owns retries too; two retry loops are a bug
-        )
-        self._client = client
-        async with self._exchange(f"connect to {cfg.host}:{cfg.port}"):
-            opened = await client.connect()
-        if not opened:
-            self._drop()
-            raise DeviceUnavailable(f"{self._device}: cannot connect to {cfg.host}:{cfg.port}")
+        try:
+            self._connection = await open_connection(cfg.host, cfg.port, timeout_s=cfg.timeout_s)
+        except TimeoutError as err:
+            raise DeviceUnavailable(
+                f"{self._device}: cannot connect to {cfg.host}:{cfg.port} within {cfg.timeout_s:g} s"
+            ) from err
+        except OSError as err:
+            raise DeviceUnavailable(
+                f"{self._device}: cannot connect to {cfg.host}:{cfg.port}: {err.strerror or err}"
+            ) from err
         _LOGGER.debug("%s: connected to %s:%s", self._device, cfg.host, cfg.port)
 
     async def read(self) -> list[Reading]:
@@ -211,24 +243,43 @@ class ModbusDriver:
         """
         ts = self._clock.now()
         results: dict[PointId, Reading] = {}
-        pending = deque(self._blocks)
-        while pending:
-            block = pending.popleft()
-            answer = await self._read_block(block)
+        pending = self._plans
+        index = 0
+        while index < len(pending):
+            plan = pending[index]
+            block = plan.block
+            if plan.fields:  # register table: decode straight from the answer's bytes
+                answer: bytes | tuple[int, ...] | int = await self._read_registers(plan)
+            else:
+                answer = await self._read_block(block)
             if isinstance(answer, int):
                 if answer == _ILLEGAL_DATA_ADDRESS and len(block.members) > 1:
-                    pending.extendleft(reversed(self._split(block)))
+                    parts = self._split(plan)
+                    pending = [*pending[:index], *parts, *pending[index + 1 :]]
                     continue
                 quality = Quality.bad(describe_exception(answer))
                 for point, _ in block.members:
                     results[point] = Reading(point=point, ts=ts, value=None, quality=quality)
-                continue
-            for point, config in block.members:
-                results[point] = self._decode(point, block.words_of(config, answer), ts)
+            elif isinstance(answer, bytes):
+                for point, decode, start in plan.fields:
+                    results[point] = _reading(point, decode(answer, start), ts)
+            else:
+                for point, config in block.members:
+                    spec = self._specs[point]
+                    value = decode_point(
+                        block.words_of(config, answer), config, scale=spec.scale, offset=spec.offset
+                    )
+                    results[point] = _reading(point, value, ts)
+            index += 1
         return [results[point] for point in self._specs]
 
-    async def write(self, point: PointId, value: float) -> None:
-        """Encode ``value`` and write it: FC 5 for a coil, FC 6 for one register, FC 16 for more."""
+    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+        """Encode ``value`` and write it: FC 5 for a coil, FC 6 for one register, FC 16 for more.
+
+        The device's echo of the request is its acknowledgement; Modbus carries no correlation id,
+        so ``correlation_id`` is ignored.
+        """
+        del correlation_id
         spec = self._spec(point)
         if not spec.writable:
             raise PointRejected(f"{point}: the point is not writable")
@@ -237,23 +288,26 @@ class ModbusDriver:
             words = encode_point(value, config, scale=spec.scale, offset=spec.offset)
         except EncodeError as err:
             raise PointRejected(f"{point}: cannot write {value!r}: {err}") from err
-        unit, address, what = self._config.unit_id, config.address, f"write of {point}"
         if config.table is RegisterTable.COIL:
-            response = await self._request(
-                what, 5, lambda c: c.write_coil(address, bool(words[0]), device_id=unit)
-            )
+            function = FC_WRITE_SINGLE_COIL
         elif len(words) == 1:
-            response = await self._request(
-                what, 6, lambda c: c.write_register(address, words[0], device_id=unit)
-            )
+            function = FC_WRITE_SINGLE_REGISTER
         else:
-            response = await self._request(
-                what, 16, lambda c: c.write_registers(address, words, device_id=unit)
-            )
-        if response.isError():
+            function = FC_WRITE_MULTIPLE_REGISTERS
+        unit, address = self._config.unit_id, config.address
+        call: Callable[[ModbusConnection], Awaitable[None]]
+        if function == FC_WRITE_SINGLE_COIL:
+            call = lambda c: c.write_coil(unit, address, on=bool(words[0]))  # noqa: E731
+        elif function == FC_WRITE_SINGLE_REGISTER:
+            call = lambda c: c.write_register(unit, address, words[0])  # noqa: E731
+        else:
+            call = lambda c: c.write_registers(unit, address, words)  # noqa: E731
+        try:
+            await self._request(f"write of {point}", call)
+        except ExceptionResponse as err:
             raise DeviceProtocolError(
-                f"{self._device}: write of {point} refused: {describe_exception(response.exception_code)}"
-            )
+                f"{self._device}: write of {point} refused: {describe_exception(err.code)}"
+            ) from err
 
     async def read_back(self, point: PointId) -> float:
         """Read just one point and return its engineering value, to verify a write.
@@ -292,96 +346,96 @@ class ModbusDriver:
             raise PointRejected(f"{point}: not a point of device {self._device}") from None
 
     def _drop(self) -> None:
-        """Forget the connection (pymodbus' close is synchronous and idempotent)."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        """Forget the connection (closing is synchronous and idempotent)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
-    @contextlib.asynccontextmanager
-    async def _exchange(self, what: str) -> AsyncIterator[None]:
-        """Bound one exchange by ``timeout_s`` and map library and socket errors to the kernel's.
+    async def _request(
+        self, what: str | ReadBlock[PointId], call: Callable[[ModbusConnection], Awaitable[_T]]
+    ) -> _T:
+        """Run one request after the configured gap; return what the connection returned.
 
-        It also restores a cancellation that pymodbus swallowed. pymodbus awaits
-        ``asyncio.wait_for``, which on Python 3.11 returns the result when the answer arrives in the
-        same loop turn as a ``cancel()`` (CPython gh-86296). The cancelled session would then poll
-        on forever. The task's ``cancelling()`` count still shows the lost request, so we raise it
-        again.
+        This is the one place where transport and socket errors become kernel errors (with
+        ``from``). An exception response is raised as :class:`ExceptionResponse` once the gateway
+        codes are mapped; the caller decides what it means. A cancellation is never swallowed: the
+        transport awaits a bare future, not ``asyncio.wait_for`` (which on Python 3.11 drops a
+        cancel that lands in the same loop turn as the answer, CPython gh-86296).
         """
-        device, timeout_s = self._device, self._config.timeout_s
-        task = asyncio.current_task()
-        cancels = task.cancelling() if task is not None else 0
-        try:
-            async with asyncio.timeout(timeout_s):
-                yield
-        except TimeoutError as err:
-            self._drop()
-            raise DeviceUnavailable(f"{device}: no answer to {what} within {timeout_s:g} s") from err
-        except ConnectionException as err:
-            self._drop()
-            raise DeviceUnavailable(f"{device}: connection lost during {what}") from err
-        except ModbusIOException as err:
-            self._drop()  # the stream is out of step with our requests: start again on a new one
-            raise DeviceProtocolError(f"{device}: bad answer to {what}: {err}") from err
-        except ModbusException as err:
-            raise DeviceProtocolError(f"{device}: {what} failed: {err}") from err
-        except OSError as err:
-            self._drop()
-            raise DeviceUnavailable(f"{device}: {what} failed: {err.strerror or err}") from err
-        if task is not None and task.cancelling() > cancels:
-            raise asyncio.CancelledError
-
-    async def _request(self, what: str, function: int, call: _Call) -> ModbusPDU:
-        """Send one request after the configured gap; return the answer or its exception response."""
         async with self._lock:
-            client = self._client
-            if client is None or not client.connected:
+            connection = self._connection
+            if connection is None or not connection.connected:
                 self._drop()
                 raise DeviceUnavailable(f"{self._device}: not connected")
-            loop = asyncio.get_running_loop()
-            wait_s = self._last_request_end_s + self._config.inter_request_gap_s - loop.time()
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
+            gap_s = self._config.inter_request_gap_s
+            if gap_s > 0:
+                wait_s = self._last_request_end_s + gap_s - asyncio.get_running_loop().time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
             try:
-                async with self._exchange(what):
-                    response = await call(client)
+                answer = await call(connection)
+            except ExceptionResponse as err:
+                if err.code in _GATEWAY_EXCEPTIONS:
+                    raise DeviceUnavailable(
+                        f"{self._device}: {_describe(what)}: {describe_exception(err.code)}"
+                    ) from err
+                raise
+            except (TimeoutError, ConnectionClosed, FrameError, OSError) as err:
+                raise self._translate(err, what) from err
             finally:
-                self._last_request_end_s = loop.time()
-        if (response.function_code & 0x7F) != function:
-            raise DeviceProtocolError(
-                f"{self._device}: {what}: expected function {function}, got {response.function_code}"
-            )
-        if response.isError() and response.exception_code in _GATEWAY_EXCEPTIONS:
-            raise DeviceUnavailable(f"{self._device}: {what}: {describe_exception(response.exception_code)}")
-        return response
+                if gap_s > 0:
+                    self._last_request_end_s = asyncio.get_running_loop().time()
+        return answer
 
-    async def _read_block(self, block: ReadBlock[PointId]) -> Sequence[int] | int:
+    def _translate(self, err: Exception, what: str | ReadBlock[PointId]) -> DeviceError:
+        """Map a transport or socket error to the kernel's tree; drop the connection it broke."""
+        self._drop()
+        device, action = self._device, _describe(what)
+        if isinstance(err, TimeoutError):
+            return DeviceUnavailable(f"{device}: no answer to {action} within {self._config.timeout_s:g} s")
+        if isinstance(err, FrameError):  # the stream is out of step with our requests: start again
+            return DeviceProtocolError(f"{device}: bad answer to {action}: {err}")
+        if isinstance(err, ConnectionClosed):
+            return DeviceUnavailable(f"{device}: connection lost during {action}: {err}")
+        strerror = err.strerror if isinstance(err, OSError) else None
+        return DeviceUnavailable(f"{device}: {action} failed: {strerror or err}")
+
+    async def _read_block(self, block: ReadBlock[PointId]) -> tuple[int, ...] | int:
         """Return the block's registers (bits as 0/1), or the exception code the device answered."""
-        unit, address, count = self._config.unit_id, block.address, block.count
-        function, reader = _READERS[block.table]
-        response = await self._request(
-            f"read of {block}", function, lambda c: reader(c, address, count=count, device_id=unit)
+        unit, function, address, count = (
+            self._config.unit_id,
+            _READ_FUNCTION[block.table],
+            block.address,
+            block.count,
         )
-        if response.isError():
-            return response.exception_code
-        if block.table.is_bit:
-            if len(response.bits) < count:  # bits come padded to whole bytes
-                raise DeviceProtocolError(f"{self._device}: read of {block}: got {len(response.bits)} bits")
-            return [1 if bit else 0 for bit in response.bits[:count]]
-        if len(response.registers) != count:
-            raise DeviceProtocolError(
-                f"{self._device}: read of {block}: got {len(response.registers)} registers, expected {count}"
-            )
-        return response.registers
+        try:
+            return await self._request(block, lambda c: c.read(unit, function, address, count))
+        except ExceptionResponse as err:
+            return err.code
 
-    def _split(self, block: ReadBlock[PointId]) -> list[ReadBlock[PointId]]:
+    async def _read_registers(self, plan: _BlockPlan) -> bytes | int:
+        """Return a register block's bytes as sent, or the exception code the device answered."""
+        block, unit = plan.block, self._config.unit_id
+        try:
+            return await self._request(
+                block, lambda c: c.read_raw(unit, plan.function, block.address, block.count)
+            )
+        except ExceptionResponse as err:
+            return err.code
+
+    def _split(self, plan: _BlockPlan) -> list[_BlockPlan]:
         """Replace a refused block by one read per point, for this and every later poll."""
+        block = plan.block
         parts = [
-            ReadBlock(table=c.table, address=c.address, count=c.type.register_count, members=((p, c),))
+            _BlockPlan(
+                ReadBlock(table=c.table, address=c.address, count=c.type.register_count, members=((p, c),)),
+                self._specs,
+            )
             for p, c in block.members
         ]
-        if block in self._blocks:  # a concurrent read may have split it already
-            index = self._blocks.index(block)
-            self._blocks[index : index + 1] = parts
+        if plan in self._plans:  # a concurrent read may have split it already
+            index = self._plans.index(plan)
+            self._plans[index : index + 1] = parts
         _LOGGER.info(
             "%s: device refused the block read %s (exception 2); reading its %d points one by one",
             self._device,
@@ -390,11 +444,41 @@ class ModbusDriver:
         )
         return parts
 
-    def _decode(self, point: PointId, words: Sequence[int], ts: datetime) -> Reading:
-        spec = self._specs[point]
-        value = decode_point(words, spec.config, scale=spec.scale, offset=spec.offset)
-        if math.isfinite(value):
-            return Reading(point=point, ts=ts, value=value)
-        return Reading(
-            point=point, ts=ts, value=None, quality=Quality.bad(f"device sent {value} (not a number)")
-        )
+
+class _BlockPlan:
+    """One block read and, for register tables, how to decode each point from the answer's bytes."""
+
+    __slots__ = ("block", "fields", "function")
+
+    def __init__(self, block: ReadBlock[PointId], specs: Mapping[PointId, ModbusPointSpec]) -> None:
+        self.block = block
+        self.function = _READ_FUNCTION[block.table]
+        self.fields: tuple[tuple[PointId, PointDecoder, int], ...] = ()
+        """(point, shared decoder, byte offset in the answer); empty for bit tables."""
+        if not block.table.is_bit:
+            self.fields = tuple(
+                (
+                    point,
+                    compile_decoder(
+                        config.type,
+                        config.word_order,
+                        config.byte_order,
+                        specs[point].scale,
+                        specs[point].offset,
+                    ),
+                    2 * (config.address - block.address),
+                )
+                for point, config in block.members
+            )
+
+
+def _reading(point: PointId, value: float, ts: datetime) -> Reading:
+    """Return a good reading, or a bad one when a float register holds NaN or inf."""
+    if math.isfinite(value):
+        return Reading(point=point, ts=ts, value=value)
+    return Reading(point=point, ts=ts, value=None, quality=Quality.bad(f"device sent {value} (not a number)"))
+
+
+def _describe(what: str | ReadBlock[PointId]) -> str:
+    """Name a request in an error message; built only when there is an error to report."""
+    return what if isinstance(what, str) else f"read of {what}"

@@ -14,6 +14,7 @@ from protocols.modbus.codec import (
     MAX_BITS_PER_READ,
     EncodeError,
     compile_blocks,
+    compile_decoder,
     decode_point,
     decode_raw,
     encode_point,
@@ -152,6 +153,40 @@ def test_raw_round_trip(case: tuple[DataType, WordOrder, ByteOrder, int | float]
     assert len(registers) == data_type.register_count
     assert all(0 <= r <= 0xFFFF for r in registers)
     assert decode_raw(registers, data_type, word_order=word_order, byte_order=byte_order) == raw
+
+
+@given(
+    data_type=st.sampled_from(REGISTER_TYPES),
+    word_order=st.sampled_from(list(WordOrder)),
+    byte_order=st.sampled_from(list(ByteOrder)),
+    scale=st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0, 10.0, 3.7]),
+    offset=st.sampled_from([0.0, -40.0, 100.0]),
+    words=st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
+    lead=st.integers(0, 3),
+)
+@example(DataType.FLOAT32, WordOrder.BIG, ByteOrder.BIG, 1.0, 0.0, [0x7FC0, 0, 0, 0], 0)  # NaN stays NaN
+def test_compiled_decoder_equals_decode_point(
+    data_type: DataType,
+    word_order: WordOrder,
+    byte_order: ByteOrder,
+    scale: float,
+    offset: float,
+    words: list[int],
+    lead: int,
+) -> None:
+    """The hot-path decoder reads the answer's bytes; it must give exactly decode_point's value."""
+    registers = words[: data_type.register_count]
+    config = ModbusPointConfig(address=0, type=data_type, word_order=word_order, byte_order=byte_order)
+    expected = decode_point(registers, config, scale=scale, offset=offset)
+    data = bytes(2 * lead) + struct.pack(f">{len(registers)}H", *registers) + b"\xff\xff"
+    got = compile_decoder(data_type, word_order, byte_order, scale, offset)(data, 2 * lead)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+def test_compiled_decoders_are_shared_and_refuse_bits() -> None:
+    assert compile_decoder(DataType.FLOAT32) is compile_decoder(DataType.FLOAT32)
+    with pytest.raises(ValueError, match="bits"):
+        compile_decoder(DataType.BOOL)
 
 
 @given(

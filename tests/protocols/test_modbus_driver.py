@@ -351,25 +351,42 @@ async def test_inter_request_gap_paces_the_block_reads(
 async def test_cancel_as_the_answer_arrives_is_not_swallowed(
     site: SiteConfig, plant: SimulatedPlant, clock: FakeClock
 ) -> None:
-    """Python 3.11's asyncio.wait_for (used inside pymodbus) returns the result when a cancel lands
-    in the same loop turn as the answer; the driver must re-raise it or a session never stops."""
+    """A cancel that lands in the same loop turn as the answer must still cancel the read (on
+    Python 3.11 ``asyncio.wait_for`` would return the result and drop it, CPython gh-86296), or a
+    cancelled session would poll on forever."""
     driver = make_driver(site.device("line-2"), clock)  # one block: one request per read
     await driver.connect()
     try:
-        ctx = driver._client.ctx  # type: ignore[union-attr]  # reaching in to time the race exactly
-        idle = ctx.response_future
+        connection = driver._connection  # reaching in to time the race exactly
+        assert connection is not None
+        assert connection._transport is not None
+        transport = connection._transport
         task = asyncio.create_task(driver.read())
-        for _ in range(10_000):
-            await asyncio.sleep(0)
-            if ctx.response_future is not idle and ctx.response_future.done():
-                break
-        else:
-            pytest.fail("the answer never arrived")
-        task.cancel()  # the answer is in; the reading task has not resumed yet
+        transport.set_protocol(_CancelOnAnswer(connection, task))
         with pytest.raises(asyncio.CancelledError):
             await task
+        transport.set_protocol(connection)
+        assert driver.connected  # the answer was consumed: the connection stays usable
+        assert [r.value for r in await driver.read()] == [42.0]
     finally:
         await driver.close()
+
+
+class _CancelOnAnswer(asyncio.Protocol):
+    """Hand the answer to the connection, then cancel the reading task in the same loop turn."""
+
+    def __init__(self, inner: asyncio.Protocol, task: asyncio.Task[object]) -> None:
+        self._inner, self._task = inner, task
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+        self._task.cancel()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
 
 
 async def test_read_before_connect_and_repeated_close(site: SiteConfig, clock: FakeClock) -> None:
