@@ -9,8 +9,10 @@ and ``cpu_percent``, plus references measured in the same run (see each part's d
 - ``opcua``: bench/_sessions_opcua.py (OPC UA subscriptions);
 - ``mqtt``: bench/_sessions_mqtt.py (MQTT telemetry through the local broker).
 
-A part whose module is not there is skipped with a message on stderr. The parts run one after the
-other, never at the same time, so they do not disturb each other.
+A part whose module is not there is skipped with a message on stderr. With ``--protocol all`` each
+part runs in a fresh process of its own, one after the other: never at the same time, so they do
+not disturb each other, and with a clean heap, so one part's freed memory does not hide the next
+part's RSS per session.
 
 Usage::
 
@@ -19,7 +21,7 @@ Usage::
     .venv/bin/python bench/sessions.py --protocol all
 
 The Modbus part tunes the garbage collector once its sessions are up (``--gc tuned``: see
-docs/protocols.md, "Running 10,000 sessions"), as the server should.
+docs/protocols.md, "Running 10,000 sessions"), as the server does (scada.runtime.tune_gc_for_server).
 
 Output: one human line and one ``RESULT {json}`` line per protocol measured.
 """
@@ -96,11 +98,20 @@ async def main() -> None:
     parser.add_argument("--mqtt-devices", type=int, default=None, help="mqtt: devices (its default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    for protocol in PROTOCOLS if args.protocol == "all" else (args.protocol,):
-        result = await run_part(protocol, args)
-        if result is not None:
-            print(summary(result))
-            print("RESULT " + json.dumps(result), flush=True)
+    if args.protocol == "all":
+        given = sys.argv[1:]
+        at = given.index("--protocol") if "--protocol" in given else None
+        rest = given if at is None else given[:at] + given[at + 2 :]
+        for protocol in PROTOCOLS:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, *rest, "--protocol", protocol
+            )
+            await proc.wait()  # its stdout and stderr are ours: the RESULT lines go straight through
+        return
+    result = await run_part(args.protocol, args)
+    if result is not None:
+        print(summary(result))
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 def run(main_coro: Callable[[], Awaitable[None]]) -> None:
