@@ -31,14 +31,27 @@ References measured in the same run, before the fleet starts, one meter alone on
   (``transport``), ``ModbusDriver.read()`` with decoding (``driver``) and a ``DeviceSession``
   polling as fast as it can (``session``, so ``session - driver`` is the session's own cost).
 
+The collector is tuned (``gc_mode``) right after the ramp, then the fleet settles for 3 periods
+before the window opens: the first second after ``gc.freeze()`` shows loop stalls of 60-180 ms (a
+one-time transient a server pays once, at start-up, not a steady-state cost), and measuring it
+would put a start-up effect into the steady-state p99.
+
 Run it through ``bench/sessions.py --protocol modbus``; a machine shared with other work shows in
 the absolute figures, so compare the ratios against the same-run references.
+
+``gateways=G`` (``--gateways G``) runs the sessions in G worker processes instead of this one, each
+supervising the devices of its shard (``scada.sharding``, ``SCADA_GATEWAY_SHARD=i/G`` in the server),
+as a deployment with one gateway process per core does. The result then adds up sessions, readings,
+CPU and RSS over the workers, and takes the jitter percentiles over every worker's polls together;
+``per_gateway`` keeps each worker's own summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import json
 import math
 import resource
 import statistics
@@ -59,6 +72,7 @@ from protocols.modbus.transport import open_connection
 from scada.model import Acquisition, AvailabilityEvent, DeviceId, PointId, Reading, make_point_id
 from scada.runtime import SERVER_GC_THRESHOLDS, SystemClock
 from scada.sessions import DeviceSession
+from scada.sharding import Shard
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS_PER_PORT = 200
@@ -387,6 +401,7 @@ async def measure(
     ramp_s: float | None = None,
     loop: str = "asyncio",
     gc_mode: str = "tuned",
+    gateways: int = 1,
 ) -> dict[str, Any]:
     """Run the simulators and N sessions; return the RESULT dict of the Modbus part."""
     fd_limit = raise_fd_limit(sessions)
@@ -397,9 +412,22 @@ async def measure(
         configs = device_configs(sessions, endpoints, points)
         ref = await reference(configs, registers)
         progress(f"reference: {ref}")
-        fleet = await run_fleet(
-            configs, period_s, ramp_s, duration_s, psutil.Process(proc.pid), gc_mode=gc_mode
-        )
+        if gateways == 1:
+            fleet = await run_fleet(
+                configs, period_s, ramp_s, duration_s, psutil.Process(proc.pid), gc_mode=gc_mode
+            )
+        else:
+            fleet = await run_gateways(
+                gateways,
+                sessions=sessions,
+                endpoints=endpoints,
+                points=points,
+                period_s=period_s,
+                ramp_s=ramp_s,
+                duration_s=duration_s,
+                simulator_pid=proc.pid,
+                gc_mode=gc_mode,
+            )
     finally:
         await stop_simulator(proc)
     return {
@@ -411,6 +439,7 @@ async def measure(
         "seconds": duration_s,
         "loop": loop,
         "gc_mode": gc_mode,
+        "gateways": gateways,
         "fd_limit": fd_limit,
         **fleet,
         "readings_per_s_ideal": round(sessions * points / period_s, 1),
@@ -426,6 +455,7 @@ async def run_fleet(
     simulator: psutil.Process,
     *,
     gc_mode: str,
+    keep_lateness: bool = False,
 ) -> dict[str, Any]:
     me = psutil.Process()
     clock = SystemClock()
@@ -468,13 +498,13 @@ async def run_fleet(
         ramp_done_s = time.monotonic() - ramp_started
         progress(f"ramp done in {ramp_done_s:.1f} s: {sum(1 for s in sessions if s.available)}/{n} online")
         online_after_ramp = sum(1 for s in sessions if s.available)
-        await asyncio.sleep(2 * period_s)  # settle: every session past its first polls
-        rss_after_ramp = me.memory_info().rss
         thresholds = gc.get_threshold()
-        if gc_mode in ("freeze", "tuned"):  # as a server would once its sessions are up
+        if gc_mode in ("freeze", "tuned"):  # as a server does once its sessions are up
             gc.freeze()  # full collections skip every object alive now
         if gc_mode == "tuned":
             gc.set_threshold(*GC_TUNED_THRESHOLDS)
+        await asyncio.sleep(3 * period_s)  # settle: every session past its first polls, GC settled
+        rss_after_ramp = me.memory_info().rss
 
         overruns_before = sum(s.stats.overruns for s in sessions)
         failed_before = sum(s.stats.polls_failed for s in sessions)
@@ -528,4 +558,98 @@ async def run_fleet(
         **gc_pauses.summary(),
         **loop_lag.summary(),
         "involuntary_context_switches": preempted,
+        **({"lateness_ms": [round(ms, 2) for ms in late]} if keep_lateness else {}),
     }
+
+
+async def run_gateways(
+    gateways: int,
+    *,
+    sessions: int,
+    endpoints: Sequence[tuple[str, int]],
+    points: int,
+    period_s: float,
+    ramp_s: float,
+    duration_s: float,
+    simulator_pid: int,
+    gc_mode: str,
+) -> dict[str, Any]:
+    """Run the fleet in ``gateways`` worker processes, one shard each; merge their results."""
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            *("--shard", f"{index}/{gateways}", "--sessions", str(sessions), "--points", str(points)),
+            *("--endpoints", ",".join(f"{h}:{p}" for h, p in endpoints), "--period", str(period_s)),
+            *("--ramp", str(ramp_s), "--seconds", str(duration_s), "--simulator-pid", str(simulator_pid)),
+            *("--gc", gc_mode),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for index in range(gateways)
+    ]
+    parts: list[dict[str, Any]] = []
+    for worker in workers:
+        stdout, _ = await worker.communicate()
+        if worker.returncode != 0:
+            raise SystemExit(f"modbus: a gateway worker failed with exit code {worker.returncode}")
+        parts.append(json.loads(stdout.decode().strip().splitlines()[-1]))
+    late = [ms for part in parts for ms in part.pop("lateness_ms")] or [math.nan]
+    counts = [part.pop("sessions_in_shard") for part in parts]
+    return {
+        "ramp_s": max(p["ramp_s"] for p in parts),
+        "online_after_ramp": sum(p["online_after_ramp"] for p in parts),
+        "sessions_open": sum(p["sessions_open"] for p in parts),
+        "readings_per_s": round(sum(p["readings_per_s"] for p in parts), 1),
+        "polls_in_window": len(late),
+        "poll_jitter_p50_ms": round(statistics.median(late), 1),
+        "poll_jitter_p99_ms": round(percentile(late, 99), 1),
+        "poll_jitter_max_ms": round(max(late), 1),
+        "overruns": sum(p["overruns"] for p in parts),
+        "polls_failed": sum(p["polls_failed"] for p in parts),
+        "rss_bytes_per_session": round(
+            sum(p["rss_bytes_per_session"] * n for p, n in zip(parts, counts, strict=True)) / sessions
+        ),
+        "cpu_percent": round(sum(p["cpu_percent"] for p in parts), 1),
+        "cpu_us_per_poll": round(statistics.mean(p["cpu_us_per_poll"] for p in parts), 1),
+        "simulator_cpu_percent": max(p["simulator_cpu_percent"] for p in parts),
+        "per_gateway": parts,
+    }
+
+
+async def gateway_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One gateway process of ``run_gateways``: the sessions of one shard, measured like run_fleet."""
+    shard = Shard.parse(args.shard)
+    endpoints = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in args.endpoints.split(","))]
+    configs = [c for c in device_configs(args.sessions, endpoints, args.points) if shard.owns(c[0])]
+    raise_fd_limit(len(configs))
+    fleet = await run_fleet(
+        configs,
+        args.period,
+        args.ramp * len(configs) / args.sessions,
+        args.seconds,
+        psutil.Process(args.simulator_pid),
+        gc_mode=args.gc,
+        keep_lateness=True,
+    )
+    return {"shard": str(shard), "sessions_in_shard": len(configs), **fleet}
+
+
+def main() -> None:
+    """Entry of a gateway worker process (started by ``run_gateways``); prints one JSON line."""
+    parser = argparse.ArgumentParser(description="one gateway worker of the Modbus sessions bench")
+    parser.add_argument("--shard", required=True)
+    parser.add_argument("--sessions", type=int, required=True)
+    parser.add_argument("--points", type=int, required=True)
+    parser.add_argument("--endpoints", required=True)
+    parser.add_argument("--period", type=float, required=True)
+    parser.add_argument("--ramp", type=float, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--simulator-pid", type=int, required=True)
+    parser.add_argument("--gc", default="tuned")
+    result = asyncio.run(gateway_worker(parser.parse_args()))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ part's RSS per session.
 Usage::
 
     .venv/bin/python bench/sessions.py --protocol modbus [--sessions 10000] [--seconds 20]
-        [--loop asyncio|uvloop] [--gc tuned|freeze|default]
+        [--loop asyncio|uvloop] [--gc tuned|freeze|default] [--gateways 2]
     .venv/bin/python bench/sessions.py --protocol all
 
 The Modbus part tunes the garbage collector once its sessions are up (``--gc tuned``: see
@@ -58,6 +58,7 @@ async def run_part(protocol: str, args: argparse.Namespace) -> dict[str, Any] | 
             ramp_s=args.ramp,
             loop=args.loop,
             gc_mode=args.gc,
+            gateways=args.gateways,
         )
         if args.sessions is not None:
             kwargs["sessions"] = args.sessions
@@ -93,6 +94,12 @@ async def main() -> None:
         default="tuned",
         help="modbus: once the sessions are up, leave the collector alone, gc.freeze(), or freeze and "
         "raise the thresholds (see _sessions_modbus.GC_TUNED_THRESHOLDS)",
+    )
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="modbus: gateway processes sharing the sessions by shard (default 1: all in this process)",
     )
     parser.add_argument("--opcua-sessions", type=int, default=None, help="opcua: sessions (its default)")
     parser.add_argument("--mqtt-devices", type=int, default=None, help="mqtt: devices (its default)")
