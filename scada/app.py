@@ -13,6 +13,7 @@ Every task is owned by a :class:`~scada.runtime.TaskSupervisor` and cancelled on
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import socket
@@ -29,6 +30,7 @@ from scada.api.problem import problem_middleware
 from scada.api.routes import (
     CATALOG,
     DEADLETTER,
+    FACTORS,
     HUB,
     QUERIES,
     SERVICE_ORIGINS,
@@ -124,13 +126,19 @@ def create_app(
         hub=app[HUB],
         streams={s.value: stream_key(settings.stream_prefix, s) for s in _METERED_STREAMS},
     )
-    app.cleanup_ctx.extend([_database, _redis, _plant])
+    app.cleanup_ctx.extend([_factors, _database, _redis, _plant])
     add_routes(app)
     return app
 
 
 # --------------------------------------------------------------------------------------------------
 # Resources (cleanup contexts)
+
+
+async def _factors(app: web.Application) -> AsyncIterator[None]:
+    """Load the emission factor library with the site's overrides (a file read: off the loop)."""
+    app[FACTORS] = await asyncio.to_thread(app[CATALOG].site.factor_library)
+    yield
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

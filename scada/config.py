@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from control_engine.factors import FactorLibrary
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
 from protocols.mqtt.config import MqttDeviceConfig, MqttPointConfig
 from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
@@ -386,6 +387,13 @@ class SiteConfig(_Frozen):
         default_factory=lambda: {DEFAULT_RETENTION: RetentionClassConfig()}
     )
     """Retention classes by name; ``default`` is added (with the built-in periods) when missing."""
+    emission_factors: tuple[dict[str, Any], ...] = ()
+    """Site overrides of the emission factor library (docs/emission-factors.md): each replaces the
+    factor with the same id (or carrier, region, variant and year), or adds one. Checked at load."""
+
+    def factor_library(self) -> FactorLibrary:
+        """Return the packaged emission factor library with this site's overrides applied."""
+        return FactorLibrary.load().with_overrides(self.emission_factors, source="emission_factors")
 
     def iter_nodes(self) -> Iterator[tuple[NodeConfig, NodeId | None]]:
         """Yield every node with its parent id, parents before children."""
@@ -445,9 +453,16 @@ def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
         first = err.errors()[0]
         raise ConfigError(f"{source}: {_describe(first['loc'], raw)}: {_clean(first['msg'])}") from None
     try:
-        return _expand_and_check(site)
+        site = _expand_and_check(site)
     except _FieldError as err:
         raise ConfigError(f"{source}: {err.path}: {err.message}") from None
+    if site.emission_factors:
+        try:
+            site.factor_library()
+        except ConfigError as err:
+            where = str(err).replace("emission_factors: overrides[", "emission_factors[", 1)
+            raise ConfigError(f"{source}: {where}") from None
+    return site
 
 
 class _FieldError(Exception):

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
+from control_engine.factors import FactorLibrary
 from scada import __version__
 from scada.api.metrics import metrics
 from scada.api.problem import ApiProblem
@@ -33,6 +34,7 @@ from streams.store import INTERVALS, PostgresReadingStore
 __all__ = [
     "CATALOG",
     "DEADLETTER",
+    "FACTORS",
     "HUB",
     "QUERIES",
     "SERVICE_ORIGINS",
@@ -50,6 +52,8 @@ QUERIES = web.AppKey("queries", PostgresReadingStore)
 """Downsampled history and energy queries (the PostgreSQL store itself)."""
 HUB = web.AppKey("hub", LiveHub)
 SERVICE_ORIGINS = web.AppKey("service_origins", dict[str, str])
+FACTORS = web.AppKey("factors", FactorLibrary)
+"""The emission factor library with the site's overrides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/points/{point_id}/energy", point_energy)
     app.router.add_get("/api/v1/nodes/{node_id}/energy", node_energy)
     app.router.add_get("/api/v1/deadletter", deadletter)
+    app.router.add_get("/api/v1/emission-factors", emission_factors)
+    app.router.add_get("/api/v1/emission-factors/{factor_id}", emission_factor)
     app.router.add_get("/api/v1/ws", websocket)
     app.router.add_get("/metrics", metrics)
 
@@ -361,6 +367,52 @@ async def deadletter(request: web.Request) -> web.Response:
     except RedisError as err:
         raise ServiceError(f"Redis: {err}") from err
     return web.json_response({"items": entries})
+
+
+async def emission_factors(request: web.Request) -> web.Response:
+    """Query the emission factor library; ``?format=csv`` exports the selection as CSV.
+
+    Filters (all optional): ``carrier`` (energy type), ``year``, ``region``, ``scope`` (1 or 2),
+    ``variant``. The answer carries the library's version.
+    """
+    library = request.app[FACTORS]
+    query = request.query
+    carrier = query.get("carrier") or None
+    if carrier is not None and carrier not in {c.value for c in Carrier}:
+        known = ", ".join(c.value for c in Carrier)
+        raise ApiProblem(
+            400,
+            "Invalid request",
+            f"carrier: unknown energy type {carrier!r} (use {known})",
+            slug="invalid-request",
+        )
+    year = _parse_int(query, "year", default=0, low=1990, high=2100) if query.get("year") else None
+    scope = _parse_int(query, "scope", default=0, low=1, high=2) if query.get("scope") else None
+    fmt = query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiProblem(
+            400, "Invalid request", f"format: {fmt!r} is not json or csv", slug="invalid-request"
+        )
+    selected = library.query(
+        carrier=carrier,
+        year=year,
+        region=query.get("region") or None,
+        scope=scope,
+        variant=query.get("variant") or None,
+    )
+    if fmt == "csv":
+        return web.Response(
+            text=library.to_csv(selected),
+            content_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="emission-factors-{library.version}.csv"'},
+        )
+    return web.Response(text=library.to_json(selected), content_type="application/json")
+
+
+async def emission_factor(request: web.Request) -> web.Response:
+    """Return one emission factor by id (404 problem when there is none)."""
+    factor = request.app[FACTORS].get(request.match_info["factor_id"])
+    return web.json_response(factor.record())
 
 
 def _parse_time(query: Mapping[str, str], name: str) -> datetime | None:
