@@ -416,7 +416,9 @@ async def test_historian_killed_mid_batch_stores_every_reading_exactly_once(
     pending, _lag = await group_state(redis)
     print(f"\nkilled the historian at {at_kill} of {total} rows; {pending} entries pending")
     assert 0 < at_kill < total, "the kill must land mid-stream"
-    assert pending > 0, "the batch being written when killed stays pending"
+    # Usually the batch being written when killed stays pending and is redelivered after the restart.
+    # A kill that lands between one batch's XACK and the next read leaves nothing pending; the
+    # invariant below (every reading exactly once) must hold either way, so it is not asserted.
 
     restart_s = time.monotonic()
     await historian.start()
