@@ -5,6 +5,8 @@ The benches run as scripts (``python bench/x.py``), so this module is imported a
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socket
 from collections.abc import Sequence
 
@@ -22,6 +24,19 @@ def free_port() -> int:
 def ports_for(meters: int) -> list[int]:
     """Return one free port per gateway needed for ``meters`` meters."""
     return [free_port() for _ in range(-(-meters // UNITS_PER_PORT))]
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 30.0) -> None:
+    """Stop a simulator process with SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

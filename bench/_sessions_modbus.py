@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _fleet import percentile
+from _fleet import UNITS_PER_PORT, percentile, stop_process
 
 from protocols.modbus.config import DataType, ModbusDeviceConfig, ModbusPointConfig
 from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
@@ -75,7 +75,6 @@ from scada.sessions import DeviceSession
 from scada.sharding import Shard
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS_PER_PORT = 200
 CHANNELS = ("voltage_v", "current_a", "active_power_kw", "frequency_hz", "reactive_power_kvar")
 REFERENCE_POLLS = 1000
 RAMP_STEP_S = 0.05
@@ -372,24 +371,13 @@ async def start_simulator(
     async with asyncio.timeout(60):
         ready = (await proc.stdout.readline()).decode()
     if not ready.startswith("SIMULATORS READY"):
-        await stop_simulator(proc)
+        await stop_process(proc)
         raise SystemExit(f"modbus: the simulator did not start: {ready!r}")
     endpoints = []
     for address in ready.split(" on ", 1)[1].split():
         host, port = address.rsplit(":", 1)
         endpoints.append((host, int(port)))
     return proc, endpoints
-
-
-async def stop_simulator(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            async with asyncio.timeout(30):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def measure(
@@ -429,7 +417,7 @@ async def measure(
                 gc_mode=gc_mode,
             )
     finally:
-        await stop_simulator(proc)
+        await stop_process(proc)
     return {
         "protocol": "modbus",
         "sessions": sessions,

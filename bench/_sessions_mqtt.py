@@ -50,6 +50,7 @@ from zoneinfo import ZoneInfo
 
 import gmqtt
 import psutil
+from _fleet import percentile, stop_process
 from gmqtt.mqtt.constants import MQTTv50
 
 from protocols.mqtt.config import MqttDeviceConfig, MqttVersion
@@ -71,11 +72,6 @@ FIELDS = {
 }
 POINTS_PER_DEVICE = len(FIELDS)
 RAW_REFERENCE_S = 5.0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def device_ids(devices: int) -> list[str]:
@@ -179,16 +175,6 @@ async def start_fleet(devices: int, period_s: float, prefix: str, connections: i
     return Fleet(proc)
 
 
-async def stop_fleet(fleet: Fleet) -> None:
-    if fleet.proc.returncode is None:
-        fleet.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(fleet.proc.wait(), 30)
-        except TimeoutError:
-            fleet.proc.kill()
-            await fleet.proc.wait()
-
-
 # --------------------------------------------------------------------------------------------------
 # The server side
 
@@ -277,7 +263,7 @@ async def measure(
     try:
         result = await _measure(fleet, devices, duration_s, period_s=period_s, prefix=prefix, qos=qos)
     finally:
-        await stop_fleet(fleet)
+        await stop_process(fleet.proc)
     result["broker_connections"] = {"server": 1, "fleet": connections}
     return result
 

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 import psutil
+from _fleet import free_port, percentile, stop_process
 
 from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
 from protocols.opcua.driver import OpcUaDriver, OpcUaPointSpec
@@ -65,17 +65,6 @@ REPO = THIS_FILE.parent.parent
 PUBLISHING_INTERVAL_MS = 100.0
 UPDATE_PERIOD_S = 1.0
 REFERENCE_S = 5.0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def device_ids(sessions: int) -> list[str]:
@@ -173,16 +162,6 @@ async def start_simulator(sessions: int, items: int) -> Simulator:
     return Simulator(proc, ready.split()[-1].decode())
 
 
-async def stop_simulator(simulator: Simulator) -> None:
-    if simulator.proc.returncode is None:
-        simulator.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(simulator.proc.wait(), 30)
-        except TimeoutError:
-            simulator.proc.kill()
-            await simulator.proc.wait()
-
-
 # --------------------------------------------------------------------------------------------------
 # The server side
 
@@ -276,7 +255,7 @@ async def measure(
     try:
         return await _measure(simulator, sessions, items_per_session, duration_s)
     finally:
-        await stop_simulator(simulator)
+        await stop_process(simulator.proc)
 
 
 async def _measure(simulator: Simulator, sessions: int, items: int, duration_s: float) -> dict[str, object]:

@@ -30,9 +30,9 @@ event loop.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -390,23 +390,18 @@ class FactorLibrary:
     def load(cls, path: str | Path | None = None) -> FactorLibrary:
         """Read and validate a factor file (the packaged one by default).
 
-        Raise :class:`ConfigError` naming the file and the first bad field.
+        The packaged library is read and validated once per process (it is immutable), however often
+        the site loader and the server ask for it. Raise :class:`ConfigError` naming the file and
+        the first bad field.
         """
         if path is None:
-            resource = resources.files("control_engine").joinpath("data", _DEFAULT_FILE)
-            name = _DEFAULT_FILE
-            try:
-                text = resource.read_text(encoding="utf-8")
-            except OSError as err:
-                raise ConfigError(f"{name}: cannot read packaged factor file: {err}") from err
-        else:
-            path = Path(path)
-            name = path.name
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as err:
-                raise ConfigError(f"{path}: cannot read factor file: {err.strerror}") from err
-        return cls.parse(text, source=name)
+            return _packaged_library()
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read factor file: {err.strerror}") from err
+        return cls.parse(text, source=path.name)
 
     @classmethod
     def parse(cls, text: str, *, source: str = "<factors>") -> FactorLibrary:
@@ -430,7 +425,7 @@ class FactorLibrary:
             document = _FactorFile.model_validate(raw)
         except ValidationError as err:
             first = err.errors()[0]
-            raise ConfigError(f"{source}: {_describe(first['loc'], raw)}: {_clean(first['msg'])}") from None
+            raise ConfigError.at(source, first["loc"], raw, first["msg"]) from None
         return cls(
             document.factors,
             version=document.version,
@@ -440,7 +435,11 @@ class FactorLibrary:
         )
 
     def with_overrides(
-        self, overrides: Iterable[Mapping[str, Any]], *, source: str = "site overrides"
+        self,
+        overrides: Iterable[Mapping[str, Any]],
+        *,
+        source: str = "site overrides",
+        field_name: str = "overrides",
     ) -> FactorLibrary:
         """Return a library with site overrides applied; this one is unchanged.
 
@@ -449,24 +448,23 @@ class FactorLibrary:
         kept from the factor it replaces (so ``{id: diesel-default, gbt32150: {ncv: 43.1}}``
         changes only the measured NCV). An override that matches nothing is added and must be
         complete. Every override is validated like the data file, with ``source: site override``
-        (a ``source`` it gave is kept in the note as its basis). Errors name ``overrides[i].field``.
+        (a ``source`` it gave is kept in the note as its basis). Errors name ``source`` and
+        ``<field_name>[i].field``, so a site file can name its own list (``emission_factors[0]...``).
         """
         factors = list(self._factors)
         raw_list: list[dict[str, Any]] = []
         for override in overrides:
             if not isinstance(override, Mapping):
                 raise ConfigError(
-                    f"{source}: overrides[{len(raw_list)}]: expected a mapping of factor fields"
+                    f"{source}: {field_name}[{len(raw_list)}]: expected a mapping of factor fields"
                 )
             raw_list.append(self._merge_override(dict(override), factors))
         try:
             validated = _OverrideList.model_validate({"overrides": raw_list}).overrides
         except ValidationError as err:
             first = err.errors()[0]
-            raw_root = {"overrides": raw_list}
-            raise ConfigError(
-                f"{source}: {_describe(first['loc'], raw_root)}: {_clean(first['msg'])}"
-            ) from None
+            loc = (field_name, *first["loc"][1:])  # the list is validated as "overrides"
+            raise ConfigError.at(source, loc, {field_name: raw_list}, first["msg"]) from None
         for factor in validated:
             index = _match(
                 factors,
@@ -480,7 +478,7 @@ class FactorLibrary:
                 factors.append(factor)
             else:
                 factors[index] = factor
-        problem = _check_library(factors, {f.id: f"overrides[{k}]" for k, f in enumerate(validated)})
+        problem = _check_library(factors, {f.id: f"{field_name}[{k}]" for k, f in enumerate(validated)})
         if problem is not None:
             raise ConfigError(f"{source}: {problem[0]}: {problem[1]}")
         return FactorLibrary(
@@ -698,32 +696,17 @@ def _check_library(
     return None
 
 
+@functools.cache
+def _packaged_library() -> FactorLibrary:
+    resource = resources.files("control_engine").joinpath("data", _DEFAULT_FILE)
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{_DEFAULT_FILE}: cannot read packaged factor file: {err}") from err
+    return FactorLibrary.parse(text, source=_DEFAULT_FILE)
+
+
 def _overlaps(a: EmissionFactor, b: EmissionFactor) -> bool:
     a_from, b_from = a.valid_from or date.min, b.valid_from or date.min
     a_to, b_to = a.valid_to or date.max, b.valid_to or date.max
     return a_from < b_to and b_from < a_to
-
-
-_FIELD_RE = re.compile(r"^(function-after|function-before|function-wrap|tagged-union)\[.*\]$")
-
-
-def _describe(loc: tuple[int | str, ...], raw: Any) -> str:
-    """Render a pydantic error location as ``factors[3] (diesel-default).gbt32150.ncv``."""
-    parts: list[str] = []
-    node: Any = raw
-    for item in loc:
-        if isinstance(item, str) and _FIELD_RE.match(item):
-            continue
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, list) and item < len(node) else None
-            if isinstance(node, dict) and isinstance(node.get("id"), str):
-                parts.append(f" ({node['id']})")
-        else:
-            parts.append(f".{item}" if parts else str(item))
-            node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts) or "document"
-
-
-def _clean(message: str) -> str:
-    return message.removeprefix("Value error, ").replace("Tuple should", "List should")

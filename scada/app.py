@@ -17,7 +17,7 @@ import asyncio
 import enum
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -85,11 +85,15 @@ class Plant:
     """The running parts of one process: sessions, consumers and feeds, by role."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, DeviceSession] = {}
         self.gateway: Gateway | None = None
         self.sink: RedisReadingSink | None = None
         self.historian: HistorianStage | None = None
         self.supervisor = TaskSupervisor("plant")
+
+    @property
+    def sessions(self) -> Mapping[str, DeviceSession]:
+        """Return the device sessions of this process, by device id (none without the gateway role)."""
+        return self.gateway.sessions if self.gateway is not None else {}
 
 
 PLANT = web.AppKey("plant", Plant)
@@ -233,7 +237,6 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                 service_timeout_s=settings.service_timeout_s,
             )
             await plant.gateway.start(plant.supervisor)
-            plant.sessions.update(plant.gateway.sessions)
             gateway = plant.gateway
             plant.supervisor.spawn(
                 run_command_executor(

@@ -37,7 +37,7 @@ from scada.model import (
     StreamName,
 )
 from scada.runtime import SystemClock, tune_gc_for_server
-from scada.services import Endpoints, running_services
+from scada.services import DEFAULT_LOCAL, Endpoints, running_services
 from scada.settings import EMBEDDED, Settings
 from streams.bus import stream_key
 from streams.commands import send_command, wait_result
@@ -50,8 +50,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DEMO_SITE = Path(__file__).resolve().parent.parent / "examples" / "plant.yaml"
 SIMULATOR_READY_TIMEOUT_S = 30.0
 SIMULATOR_STOP_TIMEOUT_S = 10.0
-LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
-LOCAL_MQTT_URL = "mqtt://127.0.0.1:1883"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +151,7 @@ def _cmd_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _send_command(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
-    url = settings.redis_url if settings.redis_url not in (None, EMBEDDED) else LOCAL_REDIS_URL
+    url = settings.redis_url if settings.redis_url not in (None, EMBEDDED) else DEFAULT_LOCAL.redis_url
     redis = aioredis.Redis.from_url(
         url, socket_timeout=settings.service_timeout_s, socket_connect_timeout=settings.service_timeout_s
     )
@@ -216,7 +214,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> NoReturn:
     site = load_site(args.config)
     document = write_normalized_site(site, settings.data_dir)
-    mqtt_url = settings.mqtt_url if settings.mqtt_url not in (None, EMBEDDED) else LOCAL_MQTT_URL
+    mqtt_url = settings.mqtt_url if settings.mqtt_url not in (None, EMBEDDED) else DEFAULT_LOCAL.mqtt_url
     command = [
         sys.executable,
         *("-m", "simulators", "--site", str(document), "--speed", str(args.speed), "--mqtt-url", mqtt_url),

@@ -391,9 +391,14 @@ class SiteConfig(_Frozen):
     """Site overrides of the emission factor library (docs/emission-factors.md): each replaces the
     factor with the same id (or carrier, region, variant and year), or adds one. Checked at load."""
 
-    def factor_library(self) -> FactorLibrary:
-        """Return the packaged emission factor library with this site's overrides applied."""
-        return FactorLibrary.load().with_overrides(self.emission_factors, source="emission_factors")
+    def factor_library(self, *, source: str = "site file") -> FactorLibrary:
+        """Return the packaged emission factor library with this site's overrides applied.
+
+        ``source`` names the site file in errors (``plant.yaml: emission_factors[0] (id).field``).
+        """
+        return FactorLibrary.load().with_overrides(
+            self.emission_factors, source=source, field_name="emission_factors"
+        )
 
     def iter_nodes(self) -> Iterator[tuple[NodeConfig, NodeId | None]]:
         """Yield every node with its parent id, parents before children."""
@@ -451,17 +456,13 @@ def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
         site = SiteConfig.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{source}: {_describe(first['loc'], raw)}: {_clean(first['msg'])}") from None
+        raise ConfigError.at(source, first["loc"], raw, first["msg"]) from None
     try:
         site = _expand_and_check(site)
     except _FieldError as err:
         raise ConfigError(f"{source}: {err.path}: {err.message}") from None
     if site.emission_factors:
-        try:
-            site.factor_library()
-        except ConfigError as err:
-            where = str(err).replace("emission_factors: overrides[", "emission_factors[", 1)
-            raise ConfigError(f"{source}: {where}") from None
+        site.factor_library(source=source)  # overrides are checked at load, like the rest of the file
     return site
 
 
@@ -569,29 +570,3 @@ def _check_register_overlaps(where: str, points: list[PointConfig]) -> None:
     for (table_a, _, end_a, key_a), (table_b, start_b, _, key_b) in itertools.pairwise(spans):
         if table_a == table_b and start_b < end_a:
             raise _FieldError(f"{where}.points", f"registers of {key_a!r} and {key_b!r} overlap in {table_a}")
-
-
-_FIELD_RE = re.compile(r"^(function-after|function-before|function-wrap)\[.*\]$")
-
-
-def _describe(loc: tuple[int | str, ...], raw: Any) -> str:
-    """Render a pydantic error location as ``devices[3] (a1-meter).points[1].modbus.type``."""
-    parts: list[str] = []
-    node: Any = raw
-    for item in loc:
-        if isinstance(item, str) and _FIELD_RE.match(item):
-            continue  # validator wrapper names in pydantic locations carry no information for users
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, list) and item < len(node) else None
-            if isinstance(node, dict) and isinstance(node.get("id") or node.get("key"), str):
-                parts.append(f" ({node.get('id') or node.get('key')})")
-        else:
-            parts.append(f".{item}" if parts else str(item))
-            node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts) or "document"
-
-
-def _clean(message: str) -> str:
-    # Users write YAML lists; pydantic speaks of the tuples we freeze them into.
-    return message.removeprefix("Value error, ").replace("Tuple should", "List should")

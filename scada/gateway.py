@@ -13,7 +13,7 @@ so the protocol packages never see the site file (import-linter keeps them apart
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Protocol as TypingProtocol
 
 from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
@@ -197,14 +197,7 @@ class Gateway:
         return await session.execute(command)
 
     def _failed(self, command: Command, reason: str) -> CommandResult:
-        return CommandResult(
-            correlation_id=command.correlation_id,
-            point=command.point,
-            requested=command.value,
-            status=CommandStatus.FAILED,
-            ts=self._clock.now(),
-            reason=reason,
-        )
+        return CommandResult.of(command, CommandStatus.FAILED, ts=self._clock.now(), reason=reason)
 
     def _session(self, device: DeviceConfig) -> DeviceSession:
         points = {device.point_id(p.key): p for p in device.points}
@@ -239,13 +232,3 @@ def _write_timeout_s(device: DeviceConfig) -> float:
     section = device.modbus or device.opcua or device.mqtt
     timeout_s = getattr(section, "timeout_s", 5.0)
     return max(1.0, 3.0 * float(timeout_s))
-
-
-def devices_by_shard(site: SiteConfig, count: int) -> Sequence[Sequence[str]]:
-    """Return the device ids each of ``count`` shards would supervise (for operators and tests)."""
-    shards: list[list[str]] = [[] for _ in range(count)]
-    for device in site.devices:
-        for index in range(count):
-            if Shard(index, count).owns(device.id):
-                shards[index].append(device.id)
-    return shards

@@ -31,7 +31,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NewType, Protocol, runtime_checkable
+from typing import Any, NewType, Protocol, runtime_checkable
 
 __all__ = [
     "ID_PATTERN",
@@ -368,6 +368,29 @@ class CommandResult:
     elapsed_ms: float = 0.0
     """Time from sending the write to knowing the outcome."""
 
+    @classmethod
+    def of(
+        cls,
+        command: Command,
+        status: CommandStatus,
+        *,
+        ts: datetime,
+        reason: str = "",
+        readback: float | None = None,
+        elapsed_ms: float = 0.0,
+    ) -> CommandResult:
+        """Return the result of ``command``: its correlation id, point and value carried over."""
+        return cls(
+            correlation_id=command.correlation_id,
+            point=command.point,
+            requested=command.value,
+            status=status,
+            ts=ts,
+            readback=readback,
+            reason=reason,
+            elapsed_ms=elapsed_ms,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AvailabilityEvent:
@@ -399,6 +422,38 @@ class ScadaError(Exception):
 
 class ConfigError(ScadaError):
     """A site file or setting is invalid; the message names the file and the field."""
+
+    @classmethod
+    def at(cls, source: str, loc: Sequence[int | str], document: Any, message: str) -> ConfigError:
+        """Return the error of one validation failure, naming the field the way users wrote it.
+
+        ``loc`` is a validator's location (pydantic's ``error["loc"]``) in ``document``, the parsed
+        YAML; list items are named by their ``id`` or ``key``:
+
+        >>> doc = {"devices": [{"id": "m1", "modbus": {"port": 0}}]}
+        >>> str(ConfigError.at("plant.yaml", ("devices", 0, "modbus", "port"), doc, "Value error, too small"))
+        'plant.yaml: devices[0] (m1).modbus.port: too small'
+        """
+        parts: list[str] = []
+        node: Any = document
+        for item in loc:
+            if isinstance(item, str) and _VALIDATOR_STEP_RE.match(item):
+                continue  # validator wrapper names in locations carry no information for users
+            if isinstance(item, int):
+                parts.append(f"[{item}]")
+                node = node[item] if isinstance(node, list) and item < len(node) else None
+                name = (node.get("id") or node.get("key")) if isinstance(node, dict) else None
+                if isinstance(name, str):
+                    parts.append(f" ({name})")
+            else:
+                parts.append(f".{item}" if parts else str(item))
+                node = node.get(item) if isinstance(node, dict) else None
+        # Users write YAML lists; validators speak of the tuples we freeze them into.
+        clean = message.removeprefix("Value error, ").replace("Tuple should", "List should")
+        return cls(f"{source}: {''.join(parts) or 'document'}: {clean}")
+
+
+_VALIDATOR_STEP_RE = re.compile(r"^(function-after|function-before|function-wrap|tagged-union)\[.*\]$")
 
 
 class ServiceError(ScadaError):

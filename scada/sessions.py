@@ -126,7 +126,11 @@ class DeviceSession:
         self._watches = {p: _PointWatch(s) for p, s in (stuck_after_s or {}).items() if p in self._points}
         self._write_tolerance = write_tolerance or _default_tolerance
         self._write_timeout_s = write_timeout_s
-        self._last: dict[PointId, Reading] = {}
+        self._last: dict[PointId, Reading] | None = (
+            {} if driver.acquisition is Acquisition.SUBSCRIBE else None
+        )
+        """Last reading published per point, kept only for subscriptions: going stale republishes it.
+        Polled devices never go stale that way, so their poll path does not pay for it."""
         self._all_stuck = False
         self.availability: Availability | None = None
         """None until the first attempt, then the state last published."""
@@ -149,10 +153,6 @@ class DeviceSession:
     def points(self) -> tuple[PointId, ...]:
         """Return the ids of the points this session publishes."""
         return self._points
-
-    def latest(self, point: PointId) -> Reading | None:
-        """Return the last reading published for a point (with the quality it was published with)."""
-        return self._last.get(point)
 
     # ----------------------------------------------------------------------------------------------
     # Running
@@ -219,8 +219,9 @@ class DeviceSession:
                 await self._publish(self._check_stuck(self._check_age(batch)))
 
     async def _publish(self, readings: Sequence[Reading]) -> None:
-        for reading in readings:
-            self._last[reading.point] = reading
+        if self._last is not None:
+            for reading in readings:
+                self._last[reading.point] = reading
         await self._sink.publish(readings)
 
     # ----------------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ class DeviceSession:
 
     def _stale_reading(self, point: PointId, now: datetime, reason: str) -> Reading:
         """Return the last value marked uncertain (OPC UA's "last usable value"), or bad without one."""
-        last = self._last.get(point)
+        last = self._last.get(point) if self._last is not None else None
         if last is None or last.value is None:
             return Reading(point=point, ts=now, value=None, quality=Quality.bad(f"stale: {reason}"))
         return Reading(point=point, ts=now, value=last.value, quality=Quality.uncertain(f"stale: {reason}"))
@@ -375,15 +376,8 @@ class DeviceSession:
                     status.value,
                     reason,
                 )
-            return CommandResult(
-                correlation_id=command.correlation_id,
-                point=point,
-                requested=value,
-                status=status,
-                ts=self._clock.now(),
-                readback=readback,
-                reason=reason,
-                elapsed_ms=elapsed_ms,
+            return CommandResult.of(
+                command, status, ts=self._clock.now(), reason=reason, readback=readback, elapsed_ms=elapsed_ms
             )
 
         if point not in self._points:

@@ -512,6 +512,14 @@ def _modbus_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) ->
     return {"host": host, "port": port, "unit_id": unit_id, "points": points}
 
 
+def _keyed_point(raw: Any, path: str) -> tuple[Mapping[str, Any], str, str]:
+    """Check one point of the document; return it, its key, and its path named by the key."""
+    if not isinstance(raw, Mapping):
+        raise DocumentError(path, "expected a mapping")
+    key = _expect(raw.get("key"), str, f"{path}.key")
+    return raw, key, f"{path} ({key})"
+
+
 def _engineering(raw: Mapping[str, Any], path: str) -> dict[str, Any]:
     return {
         "scale": _expect(raw.get("scale", 1.0), (int, float), f"{path}.scale"),
@@ -524,12 +532,8 @@ def _opcua_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) -> 
     section = _section(raw, "opcua", path)
     endpoint = _expect(section.get("endpoint"), str, f"{path}.opcua.endpoint")
     points: list[OpcUaSimPoint] = []
-    for index, point in enumerate(raw_points):
-        where = f"{path}.points[{index}]"
-        if not isinstance(point, Mapping):
-            raise DocumentError(where, "expected a mapping")
-        key = _expect(point.get("key"), str, f"{where}.key")
-        where = f"{where} ({key})"
+    for index, raw_point in enumerate(raw_points):
+        point, key, where = _keyed_point(raw_point, f"{path}.points[{index}]")
         opcua = _section(point, "opcua", where)
         method = opcua.get("method")
         if method is not None:
@@ -568,12 +572,8 @@ def _mqtt_serving(raw: Mapping[str, Any], raw_points: list[Any], path: str) -> M
     version = str(section.get("version", "5"))
     period_s = float(_expect(raw.get("poll_period_s", 1.0), (int, float), f"{path}.poll_period_s"))
     points: list[MqttSimPoint] = []
-    for index, point in enumerate(raw_points):
-        where = f"{path}.points[{index}]"
-        if not isinstance(point, Mapping):
-            raise DocumentError(where, "expected a mapping")
-        key = _expect(point.get("key"), str, f"{where}.key")
-        where = f"{where} ({key})"
+    for index, raw_point in enumerate(raw_points):
+        point, key, where = _keyed_point(raw_point, f"{path}.points[{index}]")
         mqtt = point.get("mqtt") or {}
         field = _expect(
             mqtt.get("field", key) if isinstance(mqtt, Mapping) else key, str, f"{where}.mqtt.field"
@@ -653,17 +653,12 @@ def _build(drafts: Sequence[_Draft], *, tz: ZoneInfo, start: datetime) -> list[S
     return devices
 
 
-def _point(raw: Any, path: str) -> SimulatedPoint:
-    if not isinstance(raw, Mapping):
-        raise DocumentError(path, "expected a mapping")
-    key = _expect(raw.get("key"), str, f"{path}.key")
-    path = f"{path} ({key})"
+def _point(raw_point: Any, path: str) -> SimulatedPoint:
+    raw, key, path = _keyed_point(raw_point, path)
     modbus = _section(raw, "modbus", path)
     fields: dict[str, Any] = {
         "key": key,
-        "scale": _expect(raw.get("scale", 1.0), (int, float), f"{path}.scale"),
-        "offset": _expect(raw.get("offset", 0.0), (int, float), f"{path}.offset"),
-        "writable": _expect(raw.get("writable", False), bool, f"{path}.writable"),
+        **_engineering(raw, path),
         "address": _expect(modbus.get("address"), int, f"{path}.modbus.address"),
     }
     for name in ("table", "type", "word_order", "byte_order"):

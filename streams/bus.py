@@ -58,9 +58,13 @@ __all__ = [
     "DeadLetterEntry",
     "RedisReadingSink",
     "RejectedReadings",
+    "as_text",
+    "deadletter_fields",
+    "entries_of",
     "read_deadletter",
     "run_consumer",
     "stream_key",
+    "xfields",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -282,16 +286,14 @@ class RedisReadingSink:
                 for fields in dead:
                     assert self._deadletter_key is not None  # reject() queues nothing without a key
                     key, maxlen = self._deadletter_key, self._deadletter_maxlen
-                    pipe.xadd(key, _xfields(fields), maxlen=maxlen, approximate=True)
+                    pipe.xadd(key, xfields(fields), maxlen=maxlen, approximate=True)
                 for fields in events:
-                    pipe.xadd(
-                        self._events_key, _xfields(fields), maxlen=self._events_maxlen, approximate=True
-                    )
+                    pipe.xadd(self._events_key, xfields(fields), maxlen=self._events_maxlen, approximate=True)
                 for start in range(0, count, self._entry_readings):
                     chunk = rows[start : start + self._entry_readings]
                     pipe.xadd(
                         self._readings_key,
-                        _xfields(fields_from_rows(chunk)),
+                        xfields(fields_from_rows(chunk)),
                         maxlen=self._maxlen,
                         approximate=True,
                     )
@@ -527,7 +529,7 @@ class _ConsumerLoop:
                 count=self.batch,
                 block=None if pending else self.block_ms,
             )
-        entries = _entries_of(response)
+        entries = entries_of(response)
         if pending and not entries:
             self.pending_mode = False  # our pending list is drained: move on to new entries
         return entries
@@ -582,16 +584,9 @@ class _ConsumerLoop:
     def _deadletter_fields(
         self, reason: str, entry_ids: Sequence[Any], raw: Mapping[Any, Any]
     ) -> dict[bytes, bytes]:
-        fields: dict[bytes, bytes] = {
-            b"reason": reason.encode(errors="replace"),
-            b"origin": self.stream.encode(),
-            b"entry_id": b",".join(_as_bytes(i) for i in entry_ids),
-            b"group": self.group.encode(),
-            b"consumer": self.consumer.encode(),
-        }
-        for name, value in raw.items():
-            fields[_RAW_PREFIX + _as_bytes(name)] = _as_bytes(value)
-        return fields
+        return deadletter_fields(
+            reason, origin=self.stream, entry_ids=entry_ids, group=self.group, consumer=self.consumer, raw=raw
+        )
 
     async def _deadletter_and_ack(
         self, items: Sequence[tuple[dict[bytes, bytes], Any]], extra_ack: Sequence[Any] = ()
@@ -600,7 +595,7 @@ class _ConsumerLoop:
         ids = [entry_id for _, entry_id in items if entry_id is not None] + list(extra_ack)
         async with self.redis.pipeline(transaction=True) as pipe:
             for fields, _ in items:
-                pipe.xadd(self.deadletter, _xfields(fields), maxlen=self.deadletter_maxlen, approximate=True)
+                pipe.xadd(self.deadletter, xfields(fields), maxlen=self.deadletter_maxlen, approximate=True)
             if ids:
                 pipe.xack(self.stream, self.group, *ids)
             async with asyncio.timeout(self.timeout_s):
@@ -637,8 +632,34 @@ def _concat(parts: list[Sequence[Reading]]) -> Sequence[Reading]:
     return [reading for part in parts for reading in part]
 
 
-def _entries_of(response: Any) -> list[tuple[Any, Any]]:
-    """Flatten an XREADGROUP reply for one stream, in RESP2 (list) or RESP3 (dict) shape."""
+def deadletter_fields(
+    reason: str,
+    *,
+    origin: str,
+    entry_ids: Sequence[Any],
+    group: str,
+    consumer: str,
+    raw: Mapping[Any, Any],
+) -> dict[bytes, bytes]:
+    """Return a dead-letter entry: why, where from (stream, entry ids, group, consumer), the raw fields.
+
+    Every stage that sets an entry aside writes this one layout, so :func:`read_deadletter` and the
+    operators' API read them all alike.
+    """
+    fields: dict[bytes, bytes] = {
+        b"reason": reason.encode(errors="replace"),
+        b"origin": origin.encode(),
+        b"entry_id": b",".join(_as_bytes(i) for i in entry_ids),
+        b"group": group.encode(),
+        b"consumer": consumer.encode(),
+    }
+    for name, value in raw.items():
+        fields[_RAW_PREFIX + _as_bytes(name)] = _as_bytes(value)
+    return fields
+
+
+def entries_of(response: Any) -> list[tuple[Any, Any]]:
+    """Flatten an XREAD or XREADGROUP reply for one stream, in RESP2 (list) or RESP3 (dict) shape."""
     if not response:
         return []
     if isinstance(response, dict):
@@ -650,7 +671,7 @@ def _entries_of(response: Any) -> list[tuple[Any, Any]]:
     return [entry for _name, stream_entries in response for entry in stream_entries]
 
 
-def _xfields(fields: dict[bytes, bytes]) -> dict[FieldT, EncodableT]:
+def xfields(fields: dict[bytes, bytes]) -> dict[FieldT, EncodableT]:
     """Widen our bytes-only fields to what redis-py's (invariant) dict parameter is typed as."""
     wide: dict[FieldT, EncodableT] = {name: value for name, value in fields.items()}
     return wide
@@ -684,11 +705,11 @@ async def read_deadletter(
         rows = await redis.xrevrange(key, count=count)
     out: list[DeadLetterEntry] = []
     for entry_id, fields in rows or []:
-        text = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        text = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
         raw_prefix = _RAW_PREFIX.decode()
         out.append(
             DeadLetterEntry(
-                id=_text(entry_id),
+                id=as_text(entry_id),
                 reason=text.get("reason", ""),
                 origin=text.get("origin", ""),
                 entry_id=text.get("entry_id", ""),
@@ -700,5 +721,6 @@ async def read_deadletter(
     return out
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """Return a Redis reply value (bytes, or already text) as text."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

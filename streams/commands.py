@@ -36,6 +36,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -53,6 +54,7 @@ from scada.model import (
     split_point_id,
 )
 from scada.runtime import Backoff, SystemClock, raise_if_cancelling
+from streams.bus import as_text, deadletter_fields, entries_of, xfields
 
 __all__ = [
     "decode_command",
@@ -206,8 +208,10 @@ async def send_command(
 ) -> str:
     """Append a command to the ``commands`` stream; return its entry id (for :func:`wait_result`)."""
     async with asyncio.timeout(timeout_s):
-        entry_id = await redis.xadd(commands_key, encode_command(command), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        entry_id = await redis.xadd(
+            commands_key, xfields(encode_command(command)), maxlen=maxlen, approximate=True
+        )
+    return as_text(entry_id)
 
 
 async def wait_result(
@@ -224,15 +228,14 @@ async def wait_result(
         block_ms = max(1, int(min(remaining_s, 1.0) * 1000))
         async with asyncio.timeout(remaining_s + 5.0):
             response: Any = await redis.xread({results_key: last_id}, count=100, block=block_ms)
-        for _stream, entries in _streams_of(response):
-            for entry_id, fields in entries:
-                last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                try:
-                    result = decode_result(fields)
-                except DecodeError:
-                    continue  # someone else's garbage: not ours to judge here
-                if result.correlation_id == correlation_id:
-                    return result
+        for entry_id, fields in entries_of(response):
+            last_id = as_text(entry_id)
+            try:
+                result = decode_result(fields)
+            except DecodeError:
+                continue  # someone else's garbage: not ours to judge here
+            if result.correlation_id == correlation_id:
+                return result
     return None
 
 
@@ -283,26 +286,28 @@ async def run_command_executor(
     await executor.run()
 
 
+@dataclass(kw_only=True)
 class _Executor:
-    def __init__(self, **kwargs: Any) -> None:
-        self.redis: Redis = kwargs["redis"]
-        self.commands_key: str = kwargs["commands_key"]
-        self.results_key: str = kwargs["results_key"]
-        self.deadletter_key: str = kwargs["deadletter_key"]
-        self.claims_prefix: str = kwargs["claims_prefix"]
-        self.group: str = kwargs["group"]
-        self.consumer: str = kwargs["consumer"]
-        self.owns: Callable[[PointId], bool] = kwargs["owns"]
-        self.execute: Callable[[Command], Awaitable[CommandResult]] = kwargs["execute"]
-        self.max_age_s: float = kwargs["max_age_s"]
-        self.slots: asyncio.Semaphore = kwargs["slots"]
-        self.results_maxlen: int = kwargs["results_maxlen"]
-        self.timeout_s: float = kwargs["timeout_s"]
-        self.clock: Clock = kwargs["clock"]
-        self.backoff: Backoff = kwargs["backoff"]
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.in_progress: set[str] = set()
-        self.redis_ok: bool | None = None
+    """State of one :func:`run_command_executor` call (private, like the bus's consumer loop)."""
+
+    redis: Redis
+    commands_key: str
+    results_key: str
+    deadletter_key: str
+    claims_prefix: str
+    group: str
+    consumer: str
+    owns: Callable[[PointId], bool]
+    execute: Callable[[Command], Awaitable[CommandResult]]
+    max_age_s: float
+    slots: asyncio.Semaphore
+    results_maxlen: int
+    timeout_s: float
+    clock: Clock
+    backoff: Backoff
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    in_progress: set[str] = field(default_factory=set)
+    redis_ok: bool | None = None
 
     async def run(self) -> None:
         try:
@@ -323,7 +328,7 @@ class _Executor:
                     pending = False
                     continue
                 for entry_id, fields in entries:
-                    key = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                    key = as_text(entry_id)
                     if key in self.in_progress:
                         continue  # still running from a previous read of the pending list
                     await self.slots.acquire()
@@ -350,13 +355,12 @@ class _Executor:
                 self.group, self.consumer, {self.commands_key: start}, count=32, block=block_ms
             )
         out: list[tuple[Any, Any]] = []
-        for _stream, entries in _streams_of(response):
-            for entry_id, fields in entries:
-                if fields:
-                    out.append((entry_id, fields))
-                else:  # a pending entry trimmed from the stream: nothing left to execute
-                    _LOGGER.warning("command %s was trimmed before it was handled; dropping it", entry_id)
-                    await self._ack(entry_id)
+        for entry_id, fields in entries_of(response):
+            if fields:
+                out.append((entry_id, fields))
+            else:  # a pending entry trimmed from the stream: nothing left to execute
+                _LOGGER.warning("command %s was trimmed before it was handled; dropping it", entry_id)
+                await self._ack(entry_id)
         return out
 
     async def _handle(self, entry_id: str, fields: Any, *, redelivered: bool) -> None:
@@ -388,10 +392,11 @@ class _Executor:
             async with asyncio.timeout(self.timeout_s):
                 state = await self.redis.get(claim_key)
             if redelivered and state == _EXECUTING:
-                result = self._result(
+                result = CommandResult.of(
                     command,
                     CommandStatus.TIMEOUT,
-                    "interrupted: the gateway stopped while executing it; outcome unknown",
+                    ts=self.clock.now(),
+                    reason="interrupted: the gateway stopped while executing it; outcome unknown",
                 )
                 await self._publish(entry_id, result, claim_key)
             else:
@@ -404,31 +409,22 @@ class _Executor:
             return
         age_s = (self.clock.now() - _entry_time(entry_id)).total_seconds()
         if age_s > self.max_age_s:
-            result = self._result(
+            result = CommandResult.of(
                 command,
                 CommandStatus.FAILED,
-                f"expired: issued {age_s:.0f} s ago (limit {self.max_age_s:g} s)",
+                ts=self.clock.now(),
+                reason=f"expired: issued {age_s:.0f} s ago (limit {self.max_age_s:g} s)",
             )
         else:
             result = await self.execute(command)
         await self._publish(entry_id, result, claim_key)
-
-    def _result(self, command: Command, status: CommandStatus, reason: str) -> CommandResult:
-        return CommandResult(
-            correlation_id=command.correlation_id,
-            point=command.point,
-            requested=command.value,
-            status=status,
-            ts=self.clock.now(),
-            reason=reason,
-        )
 
     async def _publish(self, entry_id: str, result: CommandResult, claim_key: str) -> None:
         """Append the result, mark the claim done and acknowledge the entry, all in one MULTI."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 self.results_key,
-                encode_result(result, executor=self.consumer),  # type: ignore[arg-type]
+                xfields(encode_result(result, executor=self.consumer)),
                 maxlen=self.results_maxlen,
                 approximate=True,
             )
@@ -442,17 +438,16 @@ class _Executor:
             await self.redis.xack(self.commands_key, self.group, entry_id)
 
     async def _deadletter(self, entry_id: str, fields: Any, reason: str) -> None:
-        raw = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in dict(fields).items()}
-        dead: dict[Any, Any] = {
-            "reason": reason,
-            "origin": self.commands_key,
-            "entry_id": entry_id,
-            "group": self.group,
-            "consumer": self.consumer,
-            **{f"raw.{k}": v for k, v in raw.items()},
-        }
+        dead = deadletter_fields(
+            reason,
+            origin=self.commands_key,
+            entry_ids=[entry_id],
+            group=self.group,
+            consumer=self.consumer,
+            raw=dict(fields),
+        )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.deadletter_key, dead, maxlen=100_000, approximate=True)
+            pipe.xadd(self.deadletter_key, xfields(dead), maxlen=100_000, approximate=True)
             pipe.xack(self.commands_key, self.group, entry_id)
             async with asyncio.timeout(self.timeout_s):
                 await pipe.execute()
@@ -466,15 +461,6 @@ class _Executor:
             _LOGGER.warning("command executor: Redis unavailable: %s; retrying with backoff", err)
         elif previous is not None:
             _LOGGER.info("command executor: Redis restored")
-
-
-def _streams_of(response: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
-    """Return ``[(stream, [(id, fields), ...]), ...]`` from an XREAD reply in RESP2 or RESP3 shape."""
-    if not response:
-        return []
-    if isinstance(response, dict):
-        return list(response.items())
-    return [(stream, entries) for stream, entries in response]
 
 
 def _entry_time(entry_id: str) -> datetime:

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from scada.model import AvailabilityEvent, DecodeError, DeviceId, PointId, Reading
 from scada.runtime import Backoff, raise_if_cancelling
+from streams.bus import as_text
 from streams.codec import decode_event, decode_readings
 
 __all__ = ["LiveHub", "Subscription", "run_live_feed"]
@@ -146,9 +147,9 @@ async def run_live_feed(
             healthy = True
             backoff.reset()
         for raw_key, entries in reply or []:
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            key = as_text(raw_key)
             for entry_id, fields in entries:
-                last_ids[key] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                last_ids[key] = as_text(entry_id)
                 try:
                     if key == readings_key:
                         hub.publish(decode_readings(fields))
@@ -164,5 +165,4 @@ async def _last_id(redis: aioredis.Redis, key: str, timeout_s: float) -> str:
         newest = await redis.xrevrange(key, count=1)
     if not newest:
         return "0-0"
-    entry_id = newest[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return as_text(newest[0][0])

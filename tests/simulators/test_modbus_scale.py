@@ -174,8 +174,12 @@ async def test_requests_split_and_merged_are_answered_in_order(fleet: ScaleSimul
 async def test_many_connections_at_once(fleet: ScaleSimulator) -> None:
     connections = [await connect(fleet, i // 200) for i in range(450)]
     try:
+        # The physics refreshes each device once a second in slices, so a device may move while
+        # the reads are in flight: each answer is its own device's registers, before or after.
+        before = [list(fleet.words(i)[:2]) for i in range(450)]
         answers = await asyncio.gather(*(c.read(1 + i % 200, 3, 0, 2) for i, c in enumerate(connections)))
-        assert [list(a) for a in answers] == [list(fleet.words(i)[:2]) for i in range(450)]
+        after = [list(fleet.words(i)[:2]) for i in range(450)]
+        assert all(list(a) in (b, f) for a, b, f in zip(answers, before, after, strict=True))
     finally:
         for connection in connections:
             connection.close()
