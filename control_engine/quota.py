@@ -150,6 +150,15 @@ class QuotaAlerts:
         """Return the thresholds, lowest first."""
         return self._thresholds
 
+    def fired(self, node: NodeId, basis: Basis) -> tuple[str, frozenset[float]] | None:
+        """Return the month and the thresholds fired and not re-armed for a node and basis."""
+        state = self._state.get((node, basis))
+        return None if state is None else (state.month, frozenset(state.fired))
+
+    def restore(self, node: NodeId, basis: Basis, month: str, fired: Sequence[float]) -> None:
+        """Restore what :meth:`fired` returned (after a restart), so no crossing fires twice."""
+        self._state[node, basis] = _Armed(month, {float(t) for t in fired if t in self._thresholds})
+
     def observe(self, status: QuotaStatus) -> list[QuotaCrossing]:
         """Feed one status update; return the thresholds it crossed, lowest first, on each basis."""
         out: list[QuotaCrossing] = []

@@ -6,7 +6,8 @@ generators in ``app.cleanup_ctx`` (started in order, stopped in reverse):
 1. PostgreSQL: pool, migrations, catalog sync, the reading store;
 2. Redis: one client for the bus;
 3. the plant, by role: device sessions feeding the readings stream (``gateway``), the historian
-   consumer group (``historian``), and the live feed behind the websocket (``api``).
+   consumer group (``historian``), the carbon ledger, forecasts and quota alerts (``analytics``),
+   and the live feed behind the websocket (``api``).
 
 Every task is owned by a :class:`~scada.runtime.TaskSupervisor` and cancelled on shutdown.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -25,6 +28,12 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
+from control_engine.forecast import MonthForecaster
+from control_engine.ledger import CarbonLedger
+from control_engine.notify import Notifier
+from control_engine.quota import QuotaAlerts
+from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
 from scada.api.routes import (
@@ -38,18 +47,18 @@ from scada.api.routes import (
     DeadLetterView,
     add_routes,
 )
-from scada.catalog import SiteCatalog, sync_catalog
+from scada.catalog import SiteCatalog, ledger_points, node_tree, sync_catalog
 from scada.config import SiteConfig
 from scada.db import create_pool, migrate
 from scada.gateway import Gateway
-from scada.model import Clock, ServiceError, StreamName
+from scada.model import Clock, NodeId, ServiceError, StreamName
 from scada.runtime import Backoff, SystemClock, TaskSupervisor
 from scada.services import Endpoints
 from scada.sessions import DeviceSession
 from scada.settings import Settings
 from scada.sharding import Shard
 from streams.bus import RedisReadingSink, run_consumer, stream_key
-from streams.codec import decode_reading_rows
+from streams.codec import FIELD_EVENT, FIELD_TYPE, FIELD_VERSION, VERSION, decode_reading_rows
 from streams.commands import run_command_executor
 from streams.historian import HistorianStage
 from streams.live import LiveHub, run_live_feed
@@ -61,6 +70,8 @@ __all__ = ["PLANT", "Plant", "Role", "create_app"]
 _LOGGER = logging.getLogger(__name__)
 
 HISTORIAN_GROUP = "historian"
+LEDGER_GROUP = "ledger"
+EVENTS_MAXLEN = 100_000
 HISTORIAN_BATCH_ENTRIES = 200
 """Entries (of up to 500 readings) per historian read: one transaction of up to 100,000 rows, so the
 rollup merges (one row per point and bucket) are shared by many readings; see docs/storage.md."""
@@ -78,6 +89,7 @@ class Role(enum.StrEnum):
     ALL = "all"
     GATEWAY = "gateway"
     HISTORIAN = "historian"
+    ANALYTICS = "analytics"
     API = "api"
 
 
@@ -88,6 +100,8 @@ class Plant:
         self.gateway: Gateway | None = None
         self.sink: RedisReadingSink | None = None
         self.historian: HistorianStage | None = None
+        self.carbon: CarbonService | None = None
+        self.notifier: Notifier | None = None
         self.supervisor = TaskSupervisor("plant")
 
     @property
@@ -132,6 +146,7 @@ def create_app(
     )
     app.cleanup_ctx.extend([_factors, _database, _redis, _plant])
     add_routes(app)
+    add_carbon_routes(app)
     return app
 
 
@@ -154,6 +169,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             await sync_catalog(conn, app[CATALOG].site)
         app[_POOL] = pool
         app[STORE] = app[QUERIES] = PostgresReadingStore(pool)
+        app[CARBON_STORE] = CarbonStore(pool, timeout_s=settings.service_timeout_s)
+        app[CARBON_QUERIES] = CarbonQueries(pool, timeout_s=settings.service_timeout_s)
         yield
     finally:
         await pool.close()
@@ -217,6 +234,8 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
             plant.supervisor.spawn(
                 _retention(_retention_job(app[_POOL], app[CATALOG].site, clock), clock), name="retention"
             )
+        if Role.ANALYTICS in roles:
+            await _start_carbon(app, consumer_name)
         if Role.GATEWAY in roles:
             plant.sink = RedisReadingSink(
                 redis,
@@ -261,6 +280,67 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
             await plant.gateway.close()
         if plant.sink is not None:
             await plant.sink.close()
+        if plant.notifier is not None:
+            await plant.notifier.close()
+
+
+async def _start_carbon(app: web.Application, consumer_name: str) -> None:
+    """Start the carbon ledger's consumer group and the service loop (analytics role)."""
+    settings, clock, plant, redis = app[SETTINGS], app[_CLOCK], app[PLANT], app[_REDIS]
+    site = app[CATALOG].site
+    prefix = settings.stream_prefix
+    events_key = stream_key(prefix, StreamName.EVENTS)
+    parents, levels = node_tree(site)
+    ledger = CarbonLedger(
+        ledger_points(site, app[FACTORS]),
+        parents,
+        levels,
+        app[FACTORS],
+        region=site.carbon.grid_region,
+        timezone=site.site.timezone,
+        close_after_s=site.carbon.close_after_s,
+    )
+    if site.notifications is not None:
+        plant.notifier = Notifier.from_config(site.notifications, clock=clock)
+    timeout_s = settings.service_timeout_s
+
+    async def publish(kind: str, body: Mapping[str, Any]) -> None:
+        event = json.dumps(body, ensure_ascii=False).encode()
+        async with asyncio.timeout(timeout_s):
+            await redis.xadd(
+                events_key,
+                {FIELD_VERSION: VERSION, FIELD_TYPE: kind.encode(), FIELD_EVENT: event},
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+            )
+
+    plant.carbon = app[CARBON] = CarbonService(
+        ledger,
+        app[CARBON_STORE],
+        parents,
+        {NodeId(node.id): node.name for node, _parent in site.iter_nodes()},
+        clock=clock,
+        timezone=site.site.timezone,
+        forecaster=MonthForecaster(site.site.timezone),
+        alerts=QuotaAlerts(site.carbon.alert_thresholds_pct, hysteresis_pct=site.carbon.alert_hysteresis_pct),
+        notifier=plant.notifier,
+        publish=publish,
+        close_after_s=site.carbon.close_after_s,
+    )
+    await plant.carbon.warm_start()
+    plant.supervisor.spawn(
+        run_consumer(
+            redis,
+            stream=stream_key(prefix, StreamName.READINGS),
+            group=LEDGER_GROUP,
+            consumer=consumer_name,
+            handler=plant.carbon.handle,
+            deadletter_stream=stream_key(prefix, StreamName.DEADLETTER),
+            backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
+        ),
+        name="ledger",
+    )
+    plant.supervisor.spawn(plant.carbon.run(), name="carbon")
 
 
 async def _partition_maintenance(historian: HistorianStage, clock: Clock) -> None:

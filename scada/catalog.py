@@ -14,11 +14,33 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from control_engine.factors import FactorLibrary
+from control_engine.ledger import LedgerPoint
 from protocols.modbus.config import DataType
 from scada.config import DeviceConfig, PointConfig, SiteConfig
-from scada.model import DeviceId, NotFound, PointId, PointKind, make_point_id
+from scada.model import (
+    Carrier,
+    DeviceId,
+    LedgerRole,
+    NodeId,
+    NodeLevel,
+    NotFound,
+    PointId,
+    PointKind,
+    Unit,
+    make_point_id,
+)
 
-__all__ = ["COUNTER_KINDS", "CatalogSyncReport", "PointEntry", "SiteCatalog", "counter_wrap", "sync_catalog"]
+__all__ = [
+    "COUNTER_KINDS",
+    "CatalogSyncReport",
+    "PointEntry",
+    "SiteCatalog",
+    "counter_wrap",
+    "ledger_points",
+    "node_tree",
+    "sync_catalog",
+]
 
 COUNTER_KINDS = frozenset({PointKind.ENERGY_COUNTER, PointKind.GAS_COUNTER, PointKind.FUEL_COUNTER})
 """Point kinds holding a cumulative counter: history of them is asked for as per-interval deltas."""
@@ -42,6 +64,76 @@ def counter_wrap(point: PointConfig) -> float | None:
         return None
     bits = _UNSIGNED_BITS.get(point.modbus.type)
     return None if bits is None else float(2**bits) * abs(point.scale)
+
+
+_RATE_KINDS = frozenset({PointKind.POWER, PointKind.GAS_FLOW, PointKind.HEAT_FLOW})
+_REACTIVE_UNITS = frozenset({Unit.KVAR, Unit.KVA})
+_DEVICE_ROLE_CARRIERS = frozenset(Carrier) - {Carrier.PV, Carrier.STORAGE, Carrier.NONE}
+
+
+def ledger_points(site: SiteConfig, factors: FactorLibrary) -> list[LedgerPoint]:
+    """Return every point the carbon ledger books, with its role (docs/carbon-ledger.md).
+
+    A point's role is its own ``ledger`` field, else its device's (for electricity, heat and fuels),
+    else by what it measures: PV generates, other energy counters and flows are consumption. Left
+    out by default: reactive and apparent power; a power or flow whose device also has a counter of
+    the same carrier and role (the counter is exact, the integral an estimate); storage power; and a
+    quantity no emission factor is expressed in (steam in t/h when heat factors are per GJ).
+    """
+    factor_units: dict[Carrier, set[str]] = {}
+    for factor in factors.factors:
+        factor_units.setdefault(factor.carrier, set()).add(factor.unit.split("/", 1)[1])
+    out: list[LedgerPoint] = []
+    for device in site.devices:
+        candidates: list[tuple[PointConfig, LedgerRole, bool]] = []
+        for point in device.points:
+            if point.carrier is Carrier.NONE or (point.kind not in COUNTER_KINDS | _RATE_KINDS):
+                continue
+            explicit = point.ledger is not None
+            role = point.ledger or _default_role(point, device)
+            candidates.append((point, role, explicit))
+        counted = {(p.carrier, role) for p, role, _ in candidates if p.kind in COUNTER_KINDS}
+        for point, role, explicit in candidates:
+            rate = point.kind in _RATE_KINDS
+            shadowed = not explicit and rate and (point.carrier, role) in counted
+            if shadowed or role is LedgerRole.NONE:
+                continue
+            entry = LedgerPoint(
+                point=make_point_id(device.id, point.key),
+                node=NodeId(device.node),
+                carrier=point.carrier,
+                role=role,
+                unit=point.unit.value,
+                rate=rate,
+                counter_wrap=counter_wrap(point),
+            )
+            units = factor_units.get(point.carrier, set())
+            if not explicit and point.carrier is not Carrier.STORAGE and entry.activity_unit not in units:
+                continue
+            out.append(entry)
+    return out
+
+
+def _default_role(point: PointConfig, device: DeviceConfig) -> LedgerRole:
+    if point.kind in _RATE_KINDS and point.unit in _REACTIVE_UNITS:
+        return LedgerRole.NONE
+    if point.carrier is Carrier.PV:
+        return LedgerRole.GENERATION
+    if point.carrier is Carrier.STORAGE:
+        return LedgerRole.NONE  # storage counters name their role (checked at load); power is not booked
+    if device.ledger is not None and point.carrier in _DEVICE_ROLE_CARRIERS:
+        return device.ledger
+    return LedgerRole.CONSUMPTION
+
+
+def node_tree(site: SiteConfig) -> tuple[dict[NodeId, NodeId | None], dict[NodeId, NodeLevel]]:
+    """Return every node's parent and level."""
+    parents: dict[NodeId, NodeId | None] = {}
+    levels: dict[NodeId, NodeLevel] = {}
+    for node, parent in site.iter_nodes():
+        parents[NodeId(node.id)] = parent
+        levels[NodeId(node.id)] = node.level
+    return parents, levels
 
 
 _LOGGER = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from control_engine.factors import FactorLibrary
+from control_engine.factors import NATIONAL, FactorLibrary
+from control_engine.notify import NotifyConfig
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
 from protocols.mqtt.config import MqttDeviceConfig, MqttPointConfig
 from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
@@ -33,6 +34,7 @@ from scada.model import (
     ConfigError,
     DeviceId,
     DeviceKind,
+    LedgerRole,
     NodeId,
     NodeLevel,
     PointId,
@@ -43,6 +45,7 @@ from scada.model import (
 
 __all__ = [
     "DEFAULT_RETENTION",
+    "CarbonConfig",
     "DeviceConfig",
     "DeviceTemplate",
     "NodeConfig",
@@ -87,6 +90,10 @@ _KINDS_NEEDING_CARRIER = frozenset(
         PointKind.HEAT_FLOW,
     }
 )
+
+
+_COUNTING_KINDS = frozenset({PointKind.ENERGY_COUNTER, PointKind.GAS_COUNTER, PointKind.FUEL_COUNTER})
+_ENERGY_KINDS = _COUNTING_KINDS | {PointKind.POWER, PointKind.GAS_FLOW, PointKind.HEAT_FLOW}
 
 
 class Protocol(enum.StrEnum):
@@ -171,6 +178,10 @@ class PointConfig(_Frozen):
     write_tolerance: Annotated[float, Field(ge=0)] | None = None
     """How far a read-back may differ from the written value and still verify the write; by default
     half a raw step (``abs(scale) / 2``) plus a relative 1e-6."""
+    ledger: LedgerRole | None = None
+    """How the carbon ledger books this point (docs/carbon-ledger.md); by default ``generation`` for
+    PV, ``consumption`` for other energy counters and flows, ``none`` otherwise. A storage counter
+    must say ``charge`` or ``discharge``; a boundary meter of purchased energy says ``supply``."""
 
     @model_validator(mode="after")
     def _check_point(self) -> Self:
@@ -183,6 +194,15 @@ class PointConfig(_Frozen):
             raise ValueError(f"a {self.kind.value} point needs a carrier (electricity, natural_gas, heat...)")
         if self.scale == 0:
             raise ValueError("scale must not be 0")
+        if self.ledger not in (None, LedgerRole.NONE) and (
+            self.kind not in _ENERGY_KINDS or self.carrier is Carrier.NONE
+        ):
+            raise ValueError(
+                f"ledger: {self.ledger.value} needs an energy point (kind power, energy, gas, fuel or heat "
+                "with a carrier)"
+            )
+        if self.carrier is Carrier.STORAGE and self.kind in _COUNTING_KINDS and self.ledger is None:
+            raise ValueError("a storage counter needs 'ledger: charge' or 'ledger: discharge'")
         if self.writable and self.modbus is not None and not self.modbus.table.is_writable:
             raise ValueError(f"writable point in the read-only table {self.modbus.table.value!r}")
         return self
@@ -343,6 +363,9 @@ class DeviceConfig(_Frozen):
     mqtt: MqttDeviceConfig | None = None
     template: Id | None = None
     points: tuple[PointConfig, ...] = ()
+    ledger: LedgerRole | None = None
+    """How the carbon ledger books this device's energy points that name no role of their own: an
+    incoming feeder (the boundary meter of what its node buys) says ``supply``."""
     simulation: SimulationConfig | None = None
 
     @model_validator(mode="before")
@@ -376,6 +399,27 @@ class DeviceConfig(_Frozen):
         return make_point_id(self.id, key)
 
 
+class CarbonConfig(_Frozen):
+    """How the site accounts for carbon and warns about quotas (docs/carbon-ledger.md, docs/quotas.md)."""
+
+    grid_region: Id = NATIONAL
+    """Region of the grid emission factor (``east``, ``north``...); ``national`` by default."""
+    price_cny_per_t: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Carbon price for quotas that name none (CNY per tCO2e)."""
+    alert_thresholds_pct: Annotated[tuple[float, ...], Field(min_length=1)] = (80.0, 90.0, 100.0)
+    alert_hysteresis_pct: Annotated[float, Field(ge=0, lt=50)] = 2.0
+    """A threshold fires again only after the share fell this far below it."""
+    close_after_s: Annotated[float, Field(ge=0, le=86_400)] = 900.0
+    """An hour is closed this long after it ends; later changes to it are restatements."""
+
+    @field_validator("alert_thresholds_pct")
+    @classmethod
+    def _check_thresholds(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < t <= 1000 for t in value):
+            raise ValueError("thresholds must be percentages in (0, 1000]")
+        return tuple(sorted(set(value)))
+
+
 class SiteConfig(_Frozen):
     """A validated site: hierarchy, templates, devices (with their templates expanded)."""
 
@@ -390,6 +434,9 @@ class SiteConfig(_Frozen):
     emission_factors: tuple[dict[str, Any], ...] = ()
     """Site overrides of the emission factor library (docs/emission-factors.md): each replaces the
     factor with the same id (or carrier, region, variant and year), or adds one. Checked at load."""
+    carbon: CarbonConfig = CarbonConfig()
+    notifications: NotifyConfig | None = None
+    """Alert channels and routes (docs/notifications.md); quota alerts are only logged without."""
 
     def factor_library(self, *, source: str = "site file") -> FactorLibrary:
         """Return the packaged emission factor library with this site's overrides applied.

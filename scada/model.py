@@ -55,6 +55,7 @@ __all__ = [
     "Driver",
     "EventSink",
     "Handler",
+    "LedgerRole",
     "Node",
     "NodeId",
     "NodeLevel",
@@ -176,6 +177,22 @@ class Carrier(enum.StrEnum):
     COKE = "coke"
     HEAT = "heat"  # purchased heat or steam
     NONE = "none"  # not an energy measurement (temperature, status...)
+
+
+class LedgerRole(enum.StrEnum):
+    """How the carbon ledger books a point's energy (docs/carbon-ledger.md).
+
+    Energy balances per carrier within a *balance node* (the point's enterprise): what was bought
+    (``supply``), made on site (``generation``) and taken from storage (``discharge``) covers what was
+    used (``consumption``), put into storage (``charge``) and lost or unmetered.
+    """
+
+    CONSUMPTION = "consumption"  # a (sub-)meter of what its node uses: booked to that node
+    SUPPLY = "supply"  # the boundary meter of purchased energy: the balance node's whole Scope 1/2
+    GENERATION = "generation"  # on-site generation (PV): zero emission, lowers the supply intensity
+    CHARGE = "charge"  # energy into storage: carries the intensity of the supply mix at that hour
+    DISCHARGE = "discharge"  # energy out of storage: carries the intensity of what charged it
+    NONE = "none"  # not booked (a power reading shadowed by a counter, a reactive power...)
 
 
 class DeviceKind(enum.StrEnum):

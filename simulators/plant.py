@@ -289,6 +289,17 @@ class SimulatedPlant:
         elapsed_s = asyncio.get_running_loop().time() - self._t0_s
         return self._start + timedelta(seconds=self._speed * elapsed_s)
 
+    def step_physics(self, now: datetime) -> None:
+        """Advance every device's physics to simulated time ``now``, without serving anything.
+
+        For offline runs faster than any clock (a month of the plant in seconds, e.g.
+        ``bench/carbon.py``); a served plant steps itself from :meth:`start`.
+        """
+        if self._t0_s is not None:
+            raise RuntimeError("the plant is running: it steps itself")
+        for device_id in self._stepping:
+            self._devices[device_id].physics.step(now)
+
     @property
     def labels(self) -> tuple[AnomalyLabel, ...]:
         """Return the labels of the anomalies started so far (the last :data:`MAX_LABELS_KEPT`)."""
