@@ -87,7 +87,9 @@ async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-async def service(site: SiteConfig, pool: asyncpg.Pool, clock: FakeClock, notifier: Notifier) -> CarbonService:
+async def service(
+    site: SiteConfig, pool: asyncpg.Pool, clock: FakeClock, notifier: Notifier
+) -> CarbonService:
     async with pool.acquire() as conn:
         await migrate(conn)
         await sync_catalog(conn, site)
@@ -98,7 +100,12 @@ async def service(site: SiteConfig, pool: asyncpg.Pool, clock: FakeClock, notifi
         ledger,
         CarbonStore(pool),
         parents,
-        {NodeId("grp"): "Group", NodeId("park"): "Park", NodeId("ent"): "Enterprise", NodeId("ws"): "Workshop"},
+        {
+            NodeId("grp"): "Group",
+            NodeId("park"): "Park",
+            NodeId("ent"): "Enterprise",
+            NodeId("ws"): "Workshop",
+        },
         clock=clock,
         timezone="Asia/Shanghai",
         alerts=QuotaAlerts(),
@@ -138,7 +145,9 @@ async def test_a_month_raises_each_alert_once_at_its_crossing(
     assert forecast == {80.0, 90.0, 100.0}
     # One notification per crossing, each delivered once, for the enterprise.
     ids = [str(n["id"]) for n in seen]
-    assert sorted(ids) == sorted({f"quota:ent:2026-03:{b}:{t:g}" for b in ("actual", "forecast") for t in (80, 90, 100)})
+    assert sorted(ids) == sorted(
+        {f"quota:ent:2026-03:{b}:{t:g}" for b in ("actual", "forecast") for t in (80, 90, 100)}
+    )
     # The month's ledger in the database: 744 x 100 kWh x 0.5366 kg/kWh.
     async with pool.acquire() as conn:
         total = await conn.fetchval("SELECT sum(co2e_kg) FROM ledger_hourly WHERE node_id = 'ws'")
