@@ -13,9 +13,13 @@ site's time zone:
   sets the interval.
 
 The forecast for the rest of the month sums the profile over the hours left (the current hour
-counted for the part still to come); the interval is ``± z x sigma_day x sqrt(days left)`` (days taken
-as independent, ``z`` = 1.645 for 90 %); until three days have been judged, ``sigma_day`` is taken as
-15 % of a predicted day. A node with no history yet extrapolates its month-to-date rate.
+counted for the part still to come), corrected by the recent mean daily error times the days left
+(``bias_day``, the exponentially weighted mean of actual minus predicted days: a profile lags a
+trend, a warming month or a new order). The interval is ``± (z x sigma_day x sqrt(days left) + 0.5 x
+|bias_day| x days left)``: the random part of the daily error adds up like independent days (``z`` =
+1.645), and the trend correction itself may be half wrong. Until three days have been judged,
+``sigma_day`` is 15 % of a predicted day and there is no correction. A node with no history
+yet extrapolates its month-to-date rate.
 
 Pure and synchronous: the carbon service feeds it from the ledger and asks for forecasts every
 minute; its state is rebuilt after a restart by replaying the stored hourly ledger.
@@ -77,6 +81,7 @@ class _Profile:
     day: date | None = None
     day_actual: float = 0.0
     day_predicted: float = 0.0
+    error_mean: float = 0.0
     error_var: float = 0.0
     errors: int = 0
     last_hour: datetime | None = None
@@ -141,11 +146,13 @@ class MonthForecaster:
             return
         error = profile.day_actual - profile.day_predicted
         if profile.errors == 0:
-            profile.error_var = error * error
+            profile.error_mean, profile.error_var = error, 0.0
         else:
-            profile.error_var = (
-                1 - self._error_alpha
-            ) * profile.error_var + self._error_alpha * error * error
+            deviation = error - profile.error_mean
+            profile.error_mean += self._error_alpha * deviation
+            profile.error_var = (1 - self._error_alpha) * (
+                profile.error_var + self._error_alpha * deviation**2
+            )
         profile.errors += 1
 
     def forecast(self, node: str, now: datetime, actual_kg: float) -> MonthForecast:
@@ -154,9 +161,11 @@ class MonthForecaster:
         month = month_key(local)
         start, end = month_bounds(month, self._zone)
         profile = self._nodes.get(node)
+        # Durations from timestamps: wall-clock subtraction in one zone ignores a DST change.
+        now_s, start_s, end_s = now.timestamp(), start.timestamp(), end.timestamp()
         if profile is None or not any(profile.daily_n):
-            elapsed_s = (now - start).total_seconds()
-            total_s = (end - start).total_seconds()
+            elapsed_s = now_s - start_s
+            total_s = end_s - start_s
             rate_total = actual_kg * total_s / elapsed_s if elapsed_s >= 3600 else actual_kg
             spread = (rate_total - actual_kg) * 0.5
             return MonthForecast(
@@ -167,12 +176,17 @@ class MonthForecaster:
         next_hour = hour_start + HOUR
         done_share = (local - hour_start).total_seconds() / 3600.0
         rest = (1.0 - done_share) * self._predict(profile, hour_start) + self._sum(profile, next_hour, end)
-        days_left = (end - local).total_seconds() / 86400.0
+        days_left = (end_s - now_s) / 86400.0
         if profile.errors >= DAYS_FOR_SIGMA:
-            sigma_day = math.sqrt(profile.error_var)
+            # Random day-to-day error adds up as sqrt(days); a persistent bias adds up linearly.
+            sigma_day, bias_day = math.sqrt(profile.error_var), profile.error_mean
         else:
             sigma_day = FALLBACK_SIGMA_SHARE * self._sum(profile, next_hour, next_hour + timedelta(days=1))
-        half = self._z * sigma_day * math.sqrt(days_left)
+            bias_day = 0.0
+        # The profile lags a trend (a warming month, a new order): the recent mean daily error corrects
+        # the level of what is left, and half of it again bounds how wrong that correction may be.
+        rest = max(0.0, rest + bias_day * days_left)
+        half = self._z * sigma_day * math.sqrt(days_left) + 0.5 * abs(bias_day) * days_left
         total = actual_kg + rest
         return MonthForecast(
             node=node, month=month, computed_at=now, actual_kg=actual_kg, forecast_kg=total,
@@ -193,10 +207,11 @@ class MonthForecaster:
     def _predict(profile: _Profile, local: datetime) -> float:
         weekly, daily = local.weekday() * 24 + local.hour, local.hour
         n_week, n_day = profile.weekly_n[weekly], profile.daily_n[daily]
+        if n_week >= 2:
+            return profile.weekly[weekly]
         if n_week and n_day:
             # A slot seen in a single week leans on the daily profile too.
-            weight = n_week / (n_week + 1.0)
-            return weight * profile.weekly[weekly] + (1 - weight) * profile.daily[daily]
+            return 0.5 * profile.weekly[weekly] + 0.5 * profile.daily[daily]
         if n_day:
             return profile.daily[daily]
         seen = [m for m, n in zip(profile.daily, profile.daily_n, strict=True) if n]
