@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -28,11 +27,15 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmPriority
+from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
 from control_engine.forecast import MonthForecaster
 from control_engine.ledger import CarbonLedger
-from control_engine.notify import Notifier
+from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
+from scada.alarm_setup import alarm_definitions, monitored_points
+from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
@@ -58,10 +61,10 @@ from scada.sessions import DeviceSession
 from scada.settings import Settings
 from scada.sharding import Shard
 from streams.bus import RedisReadingSink, run_consumer, stream_key
-from streams.codec import FIELD_EVENT, FIELD_TYPE, FIELD_VERSION, VERSION, decode_reading_rows
+from streams.codec import decode_reading_rows, encode_json_event
 from streams.commands import run_command_executor
 from streams.historian import HistorianStage
-from streams.live import LiveHub, run_live_feed
+from streams.live import LiveHub, follow_availability, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
 from streams.store import PostgresReadingStore
 
@@ -71,6 +74,8 @@ _LOGGER = logging.getLogger(__name__)
 
 HISTORIAN_GROUP = "historian"
 LEDGER_GROUP = "ledger"
+ANOMALY_GROUP = "anomaly"
+ALARMS_MAXLEN = 100_000
 EVENTS_MAXLEN = 100_000
 HISTORIAN_BATCH_ENTRIES = 200
 """Entries (of up to 500 readings) per historian read: one transaction of up to 100,000 rows, so the
@@ -101,6 +106,7 @@ class Plant:
         self.sink: RedisReadingSink | None = None
         self.historian: HistorianStage | None = None
         self.carbon: CarbonService | None = None
+        self.anomaly: AnomalyService | None = None
         self.notifier: Notifier | None = None
         self.supervisor = TaskSupervisor("plant")
 
@@ -147,6 +153,7 @@ def create_app(
     app.cleanup_ctx.extend([_factors, _database, _redis, _plant])
     add_routes(app)
     add_carbon_routes(app)
+    add_alarm_routes(app)
     return app
 
 
@@ -171,6 +178,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = app[QUERIES] = PostgresReadingStore(pool)
         app[CARBON_STORE] = CarbonStore(pool, timeout_s=settings.service_timeout_s)
         app[CARBON_QUERIES] = CarbonQueries(pool, timeout_s=settings.service_timeout_s)
+        app[ALARM_STORE] = AlarmStore(pool, timeout_s=settings.service_timeout_s)
         yield
     finally:
         await pool.close()
@@ -209,7 +217,13 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
     try:
         if Role.API in roles:
             plant.supervisor.spawn(
-                run_live_feed(redis, app[HUB], readings_key=readings_key, events_key=events_key),
+                run_live_feed(
+                    redis,
+                    app[HUB],
+                    readings_key=readings_key,
+                    events_key=events_key,
+                    alarms_key=stream_key(prefix, StreamName.ALARMS),
+                ),
                 name="live-feed",
             )
         if Role.HISTORIAN in roles:
@@ -236,6 +250,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
             )
         if Role.ANALYTICS in roles:
             await _start_carbon(app, consumer_name)
+            await _start_anomaly(app, consumer_name)
         if Role.GATEWAY in roles:
             plant.sink = RedisReadingSink(
                 redis,
@@ -276,6 +291,11 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await plant.supervisor.close()
+        if plant.anomaly is not None:
+            try:
+                await asyncio.wait_for(plant.anomaly.save(), settings.service_timeout_s)
+            except (OSError, TimeoutError, asyncpg.PostgresError) as err:
+                _LOGGER.warning("anomaly state not saved at shutdown: %s", err)
         if plant.gateway is not None:
             await plant.gateway.close()
         if plant.sink is not None:
@@ -305,14 +325,9 @@ async def _start_carbon(app: web.Application, consumer_name: str) -> None:
     timeout_s = settings.service_timeout_s
 
     async def publish(kind: str, body: Mapping[str, Any]) -> None:
-        event = json.dumps(body, ensure_ascii=False).encode()
+        fields: Any = encode_json_event(kind.encode(), body)
         async with asyncio.timeout(timeout_s):
-            await redis.xadd(
-                events_key,
-                {FIELD_VERSION: VERSION, FIELD_TYPE: kind.encode(), FIELD_EVENT: event},
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
-            )
+            await redis.xadd(events_key, fields, maxlen=EVENTS_MAXLEN, approximate=True)
 
     plant.carbon = app[CARBON] = CarbonService(
         ledger,
@@ -380,3 +395,96 @@ async def _retention(job: RetentionJob, clock: Clock) -> None:
             await job.run()
         except (OSError, TimeoutError, asyncpg.PostgresError, ServiceError) as err:
             _LOGGER.warning("retention failed (will retry in %.0f s): %s", RETENTION_PERIOD_S, err)
+
+
+_SEVERITY_BY_PRIORITY = {
+    AlarmPriority.CRITICAL: Severity.CRITICAL,
+    AlarmPriority.HIGH: Severity.WARNING,
+    AlarmPriority.MEDIUM: Severity.WARNING,
+    AlarmPriority.LOW: Severity.INFO,
+}
+
+
+async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
+    """Start the detectors and the alarm engine on the readings and availability events (analytics role)."""
+    settings, clock, plant, redis = app[SETTINGS], app[_CLOCK], app[PLANT], app[_REDIS]
+    site = app[CATALOG].site
+    prefix, timeout_s = settings.stream_prefix, settings.service_timeout_s
+    alarms_key = stream_key(prefix, StreamName.ALARMS)
+    definitions = alarm_definitions(site)
+    parents_by_id, _levels = node_tree(site)
+    parents: dict[str, str | None] = {str(k): v for k, v in parents_by_id.items()}
+    names = {node.id: node.name for node, _parent in site.iter_nodes()}
+
+    def make_engine(snapshot: Mapping[str, Any] | None) -> AlarmEngine:
+        if snapshot is None:
+            return AlarmEngine(definitions, parents=parents)
+        return AlarmEngine.restore(snapshot, definitions, parents=parents)
+
+    async def publish(events: Sequence[Mapping[str, Any]]) -> None:
+        async with asyncio.timeout(timeout_s):
+            pipe = redis.pipeline(transaction=False)
+            for event in events:
+                fields: Any = encode_json_event(b"alarm", event)
+                pipe.xadd(alarms_key, fields, maxlen=ALARMS_MAXLEN, approximate=True)
+            await pipe.execute()
+
+    async def notify(event: AlarmEvent, extra: Mapping[str, Any]) -> None:
+        if plant.notifier is None:
+            return
+        text = event.message
+        if "excess_kwh" in extra:
+            text = energy_message(event.message, extra)
+        chain: list[str] = []
+        node: str | None = parents.get(event.node)
+        while node is not None:
+            chain.append(node)
+            node = parents.get(node)
+        await plant.notifier.send(
+            Notification(
+                id=event.key,
+                node=event.node,
+                node_name=names.get(event.node, event.node),
+                severity=_SEVERITY_BY_PRIORITY[event.priority],
+                title=f"告警 Alarm P{int(event.priority)} {event.to_state.value}: {event.message}"[:200],
+                text=text,
+                ts=event.at,
+                fields={
+                    "alarm": event.alarm_id,
+                    "priority": int(event.priority),
+                    "state": event.to_state.value,
+                    **{k: v for k, v in extra.items() if k in ("excess_kwh", "excess_kgco2e")},
+                },
+            ),
+            chain,
+        )
+
+    service = AnomalyService(
+        make_engine(None),
+        monitored_points(site, app[FACTORS]),
+        app[ALARM_STORE],
+        clock=clock,
+        publish=publish,
+        notify=notify,
+    )
+    await service.restore(make_engine)
+    plant.anomaly = app[ANOMALY] = service
+    plant.supervisor.spawn(
+        run_consumer(
+            redis,
+            stream=stream_key(prefix, StreamName.READINGS),
+            group=ANOMALY_GROUP,
+            consumer=consumer_name,
+            handler=service.handle,
+            deadletter_stream=stream_key(prefix, StreamName.DEADLETTER),
+            backoff=Backoff(max_s=SERVICE_RETRY_MAX_S),
+        ),
+        name="anomaly",
+    )
+    plant.supervisor.spawn(service.run(), name="alarms")
+    plant.supervisor.spawn(
+        follow_availability(
+            redis, stream_key(prefix, StreamName.EVENTS), service.availability, timeout_s=timeout_s
+        ),
+        name="alarm-availability",
+    )

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from anomaly.detectors import DetectorSpec
 from control_engine.factors import NATIONAL, FactorLibrary
 from control_engine.notify import NotifyConfig
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
@@ -49,6 +50,8 @@ __all__ = [
     "DeviceConfig",
     "DeviceTemplate",
     "NodeConfig",
+    "PointAlarmConfig",
+    "PointAnomalyConfig",
     "PointConfig",
     "Protocol",
     "RetentionClassConfig",
@@ -153,6 +156,39 @@ class RetentionClassConfig(_Frozen):
     rollup_1h_days: Annotated[int, Field(ge=1)] | None = None
 
 
+class PointAlarmConfig(_Frozen):
+    """A limit alarm on a point, in the ISA-18.2 manner (docs/alarms.md)."""
+
+    kind: Literal["hh", "h", "l", "ll", "roc", "no_data"]
+    """High-high, high, low, low-low limit; rate of change (units per second); no data (age in s)."""
+    setpoint: Annotated[float, Field(allow_inf_nan=False)]
+    priority: Literal["critical", "high", "medium", "low"] = "medium"
+    deadband: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """The alarm clears only this far back on the safe side of the setpoint."""
+    deadband_unit: Literal["eu", "pct"] = "eu"
+    """Engineering units of the point, or percent of the setpoint."""
+    on_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 0.0
+    off_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 0.0
+    message: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    """``str.format`` template over id, value, setpoint, kind, node, device, point, priority, state."""
+
+
+class PointAnomalyConfig(_Frozen):
+    """An online anomaly detector on a point (docs/anomaly-detection.md) and the alarm it raises."""
+
+    detector: Mapping[str, Any] = Field(default_factory=lambda: {"kind": "ensemble"})
+    """Detector spec: ``kind`` (ensemble, forecast, hst, robust_z, limits...) and its parameters."""
+    priority: Literal["critical", "high", "medium", "low"] = "medium"
+    on_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 0.0
+    off_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+
+    @field_validator("detector")
+    @classmethod
+    def _check_detector(cls, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        DetectorSpec.from_mapping(value)  # ValueError names the bad field of the spec
+        return dict(value)
+
+
 class PointConfig(_Frozen):
     """One measured or writable value of a device."""
 
@@ -178,6 +214,10 @@ class PointConfig(_Frozen):
     write_tolerance: Annotated[float, Field(ge=0)] | None = None
     """How far a read-back may differ from the written value and still verify the write; by default
     half a raw step (``abs(scale) / 2``) plus a relative 1e-6."""
+    alarms: tuple[PointAlarmConfig, ...] = ()
+    """Limit alarms on the point's value."""
+    anomaly: PointAnomalyConfig | None = None
+    """An online anomaly detector; it raises a ``deviation`` alarm while it flags an anomaly."""
     ledger: LedgerRole | None = None
     """How the carbon ledger books this point (docs/carbon-ledger.md); by default ``generation`` for
     PV, ``consumption`` for other energy counters and flows, ``none`` otherwise. A storage counter

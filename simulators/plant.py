@@ -293,12 +293,15 @@ class SimulatedPlant:
         """Advance every device's physics to simulated time ``now``, without serving anything.
 
         For offline runs faster than any clock (a month of the plant in seconds, e.g.
-        ``bench/carbon.py``); a served plant steps itself from :meth:`start`.
+        ``bench/carbon.py``); a served plant steps itself from :meth:`start`. The anomalies that
+        start are recorded in :attr:`labels` (not in the labels file).
         """
         if self._t0_s is not None:
             raise RuntimeError("the plant is running: it steps itself")
         for device_id in self._stepping:
             self._devices[device_id].physics.step(now)
+        for injector in self._injectors:
+            self._labels.extend(injector.drain_labels())  # ground truth, as :attr:`labels`
 
     @property
     def labels(self) -> tuple[AnomalyLabel, ...]:

@@ -74,9 +74,11 @@ __all__ = [
     "ReadingRows",
     "WireRow",
     "decode_event",
+    "decode_json_event",
     "decode_reading_rows",
     "decode_readings",
     "encode_event",
+    "encode_json_event",
     "encode_readings",
     "encode_row",
     "fields_from_rows",
@@ -388,6 +390,27 @@ def decode_event(fields: EntryFields) -> AvailabilityEvent:
     availability = Availability(state)
     ts = _decode_ts(f"event ({device})", body.get("ts_us"))
     return AvailabilityEvent(device=DeviceId(device), ts=ts, availability=availability, reason=reason)
+
+
+def encode_json_event(kind: bytes, body: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """Encode a JSON event (a ledger update, a quota alert, an alarm transition) for a stream."""
+    return {
+        FIELD_VERSION: VERSION,
+        FIELD_TYPE: kind,
+        FIELD_EVENT: json.dumps(body, ensure_ascii=False, allow_nan=False).encode(),
+    }
+
+
+def decode_json_event(fields: EntryFields, kind: bytes) -> dict[str, Any]:
+    """Decode an entry made by :func:`encode_json_event` of type ``kind``; raise DecodeError otherwise."""
+    raw = _field_map(fields)
+    _check_version(raw)
+    if raw.get(FIELD_TYPE) != kind:
+        raise DecodeError(f"unsupported event type {_show(raw.get(FIELD_TYPE))}, expected {kind.decode()!r}")
+    body = _load_json(raw, FIELD_EVENT)
+    if not isinstance(body, dict):
+        raise DecodeError("field 'e' must be a JSON object")
+    return body
 
 
 # --------------------------------------------------------------------------------------------------

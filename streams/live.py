@@ -11,35 +11,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from datetime import datetime
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from scada.model import AvailabilityEvent, DecodeError, DeviceId, PointId, Reading
+from scada.model import Availability, AvailabilityEvent, DecodeError, DeviceId, PointId, Reading
 from scada.runtime import Backoff, raise_if_cancelling
 from streams.bus import as_text
-from streams.codec import decode_event, decode_readings
+from streams.codec import decode_event, decode_json_event, decode_readings
 
-__all__ = ["LiveHub", "Subscription", "run_live_feed"]
+__all__ = [
+    "AlarmFrame",
+    "AvailabilityHandler",
+    "Frame",
+    "LiveHub",
+    "Subscription",
+    "follow_availability",
+    "run_live_feed",
+]
 
 _XReadReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
 
 _LOGGER = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class AlarmFrame:
+    """Alarm state transitions for one client (the ``alarms`` stream's event dicts)."""
+
+    events: list[Mapping[str, Any]]
+
+
+Frame = list[Reading] | AlarmFrame
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
-    """One client's interest (a set of points) and its bounded outbox of reading frames."""
+    """One client's interest (points, alarm consoles) and its bounded outbox of frames."""
 
-    queue: asyncio.Queue[list[Reading]]
+    queue: asyncio.Queue[Frame]
     points: set[PointId] = field(default_factory=set)
+    alarm_consoles: set[str] | None = None
+    """Consoles whose alarms the client follows; empty: every console; None: no alarms."""
     dropped_frames: int = 0
     """Frames dropped because the client fell behind; reported to the client, then reset."""
 
-    def offer(self, frame: list[Reading]) -> None:
+    def wants_alarm(self, event: Mapping[str, Any]) -> bool:
+        """Return True if the client follows the console of this alarm event."""
+        consoles = self.alarm_consoles
+        return consoles is not None and (not consoles or event.get("console") in consoles)
+
+    def offer(self, frame: Frame) -> None:
         """Queue a frame, dropping the oldest queued frame if the client is behind."""
         if self.queue.full():
             self.queue.get_nowait()
@@ -58,6 +84,7 @@ class LiveHub:
         self._availability: dict[DeviceId, AvailabilityEvent] = {}
         self._subscriptions: set[Subscription] = set()
         self.readings_seen = 0
+        self.alarm_events_seen = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -100,6 +127,15 @@ class LiveHub:
         if current is None or event.ts >= current.ts:
             self._availability[event.device] = event
 
+    def publish_alarms(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Offer alarm state transitions to the clients that follow their consoles."""
+        self.alarm_events_seen += len(events)
+        for sub in self._subscriptions:
+            if sub.alarm_consoles is not None:
+                frame = [e for e in events if sub.wants_alarm(e)]
+                if frame:
+                    sub.offer(AlarmFrame(frame))
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[Subscription]:
         """Register a client for the duration of the ``with`` block."""
@@ -117,11 +153,12 @@ async def run_live_feed(
     *,
     readings_key: str,
     events_key: str,
+    alarms_key: str | None = None,
     block_ms: int = 1_000,
     count: int = 1_000,
     timeout_s: float = 5.0,
 ) -> None:
-    """Feed ``hub`` from the readings and events streams until cancelled.
+    """Feed ``hub`` from the readings, events (and alarms) streams until cancelled.
 
     Starts at the streams' current ends: a live view wants what happens from now on. Entries
     that cannot be decoded are skipped here; the historian's consumer group dead-letters them.
@@ -133,7 +170,8 @@ async def run_live_feed(
         raise_if_cancelling()
         try:
             if not last_ids:  # explicit ids, not "$": "$" between two XREADs would miss entries
-                last_ids = {key: await _last_id(redis, key, timeout_s) for key in (readings_key, events_key)}
+                keys = (readings_key, events_key) + ((alarms_key,) if alarms_key is not None else ())
+                last_ids = {key: await _last_id(redis, key, timeout_s) for key in keys}
             async with asyncio.timeout(block_ms / 1000 + timeout_s):
                 reply = cast(_XReadReply, await redis.xread(last_ids, count=count, block=block_ms))  # type: ignore[arg-type]
         except (RedisError, OSError, TimeoutError) as err:
@@ -153,10 +191,54 @@ async def run_live_feed(
                 try:
                     if key == readings_key:
                         hub.publish(decode_readings(fields))
+                    elif key == alarms_key:
+                        hub.publish_alarms([decode_json_event(fields, b"alarm")])
                     else:
                         hub.publish_event(decode_event(fields))
                 except DecodeError as err:
                     _LOGGER.debug("live feed: skipping undecodable entry %s: %s", entry_id, err)
+
+
+AvailabilityHandler = Callable[[DeviceId, bool, datetime, str], Awaitable[None]]
+"""``handler(device, online, ts, reason)``."""
+
+
+async def follow_availability(
+    redis: aioredis.Redis,
+    events_key: str,
+    handler: AvailabilityHandler,
+    *,
+    block_ms: int = 1_000,
+    timeout_s: float = 5.0,
+) -> None:
+    """Call ``handler`` for every device availability change on the events stream until cancelled.
+
+    Starts at the stream's current end (state carried over a restart lives in the handler's own
+    saved state); ``stale`` counts as not online. Other event types on the stream are skipped.
+    """
+    last_id: str | None = None
+    backoff = Backoff(initial_s=0.2, max_s=10.0)
+    while True:
+        raise_if_cancelling()
+        try:
+            if last_id is None:
+                last_id = await _last_id(redis, events_key, timeout_s)
+            async with asyncio.timeout(block_ms / 1000 + timeout_s):
+                reply = cast(_XReadReply, await redis.xread({events_key: last_id}, count=500, block=block_ms))
+        except (RedisError, OSError, TimeoutError) as err:
+            _LOGGER.debug("availability follower: Redis unavailable: %s", err)
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        backoff.reset()
+        for _key, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = as_text(entry_id)
+                try:
+                    event = decode_event(fields)
+                except DecodeError:
+                    continue  # ledger updates, quota alerts...: not availability
+                online = event.availability is Availability.ONLINE
+                await handler(event.device, online, event.ts, event.reason)
 
 
 async def _last_id(redis: aioredis.Redis, key: str, timeout_s: float) -> str:

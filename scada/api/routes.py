@@ -15,19 +15,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
 from control_engine.factors import FactorLibrary
 from scada import __version__
+from scada.api.alarms import ALARM_STORE, alarm_status_json
 from scada.api.metrics import metrics
 from scada.api.problem import ApiProblem
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
 from scada.model import UTC, Carrier, DeviceId, PointId, Reading, ReadingStore, ServiceError
 from streams.bus import read_deadletter
-from streams.live import LiveHub, Subscription
+from streams.live import AlarmFrame, LiveHub, Subscription
 from streams.query import DownsampleMode
 from streams.store import INTERVALS, PostgresReadingStore
 
@@ -457,13 +459,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     """Push new readings of the points a client subscribes to (snapshot first, then deltas)."""
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=1 << 20)
     await ws.prepare(request)
-    hub, catalog = request.app[HUB], request.app[CATALOG]
-    with hub.subscribe() as sub:
+    with request.app[HUB].subscribe() as sub:
         sender = asyncio.create_task(_send_frames(ws, sub), name="ws-sender")
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
-                    await _handle_client_message(ws, sub, hub, catalog, msg.data)
+                    await _handle_client_message(ws, sub, request.app, msg.data)
                 elif msg.type is WSMsgType.ERROR:
                     _LOGGER.debug("websocket closed with error: %s", ws.exception())
         finally:
@@ -474,7 +475,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _handle_client_message(
-    ws: web.WebSocketResponse, sub: Subscription, hub: LiveHub, catalog: SiteCatalog, data: str
+    ws: web.WebSocketResponse, sub: Subscription, app: web.Application, data: str
 ) -> None:
     try:
         message = json.loads(data)
@@ -484,10 +485,24 @@ async def _handle_client_message(
         return
     if kind == "ping":
         await ws.send_json({"type": "pong"})
-        return
-    if kind not in ("subscribe", "unsubscribe"):
+    elif kind in ("subscribe_alarms", "unsubscribe_alarms"):
+        await _alarm_subscription(ws, sub, kind, message, request_app=app)
+    elif kind in ("subscribe", "unsubscribe"):
+        await _point_subscription(ws, sub, kind, message, hub=app[HUB], catalog=app[CATALOG])
+    else:
         await ws.send_json({"type": "error", "detail": f"unknown message type {kind!r}"})
-        return
+
+
+async def _point_subscription(
+    ws: web.WebSocketResponse,
+    sub: Subscription,
+    kind: str,
+    message: Mapping[str, Any],
+    *,
+    hub: LiveHub,
+    catalog: SiteCatalog,
+) -> None:
+    """Follow (or stop following) points: a snapshot of their latest values, then new readings."""
     requested = message.get("points")
     if not isinstance(requested, list) or not all(isinstance(p, str) for p in requested):
         await ws.send_json({"type": "error", "detail": "'points' must be a list of point ids"})
@@ -508,10 +523,46 @@ async def _handle_client_message(
     await ws.send_json({"type": "snapshot", "readings": [reading_json(r) for r in hub.snapshot(known)]})
 
 
+async def _alarm_subscription(
+    ws: web.WebSocketResponse,
+    sub: Subscription,
+    kind: str,
+    message: Mapping[str, Any],
+    *,
+    request_app: web.Application,
+) -> None:
+    """Follow (or stop following) the alarms of some consoles, or of all without ``consoles``."""
+    if kind == "unsubscribe_alarms":
+        sub.alarm_consoles = None
+        await ws.send_json({"type": "unsubscribed_alarms"})
+        return
+    consoles = message.get("consoles", [])
+    if not isinstance(consoles, list) or not all(isinstance(c, str) for c in consoles):
+        await ws.send_json({"type": "error", "detail": "'consoles' must be a list of console ids"})
+        return
+    sub.alarm_consoles = set(consoles)
+    await ws.send_json({"type": "subscribed_alarms", "consoles": sorted(consoles)})
+    store = request_app.get(ALARM_STORE)
+    current: list[dict[str, Any]] = []
+    if store is not None:
+        try:
+            rows = await store.statuses(console=None, active_only=True)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as err:
+            await ws.send_json({"type": "error", "detail": f"alarm snapshot unavailable: {err}"})
+            return
+        current = [
+            a for a in (alarm_status_json(r) for r in rows) if not consoles or a["console"] in consoles
+        ]
+    await ws.send_json({"type": "alarm_snapshot", "alarms": current})
+
+
 async def _send_frames(ws: web.WebSocketResponse, sub: Subscription) -> None:
     while not ws.closed:
         frame = await sub.queue.get()
         if sub.dropped_frames:
             await ws.send_json({"type": "dropped", "frames": sub.dropped_frames})
             sub.dropped_frames = 0
-        await ws.send_json({"type": "readings", "readings": [reading_json(r) for r in frame]})
+        if isinstance(frame, AlarmFrame):
+            await ws.send_json({"type": "alarms", "events": frame.events})
+        else:
+            await ws.send_json({"type": "readings", "readings": [reading_json(r) for r in frame]})

@@ -8,15 +8,16 @@ local HTTP receiver through the notifier.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 from aiohttp import web
 
-from control_engine.carbon import CarbonService, CarbonStore, Quota
+from control_engine.carbon import CarbonService, CarbonStore, EventPublisher, Quota
 from control_engine.ledger import CarbonLedger
 from control_engine.notify import Notifier
 from control_engine.quota import QuotaAlerts
@@ -88,7 +89,11 @@ async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def service(
-    site: SiteConfig, pool: asyncpg.Pool, clock: FakeClock, notifier: Notifier
+    site: SiteConfig,
+    pool: asyncpg.Pool,
+    clock: FakeClock,
+    notifier: Notifier,
+    events: list[tuple[str, Mapping[str, Any]]] | None = None,
 ) -> CarbonService:
     async with pool.acquire() as conn:
         await migrate(conn)
@@ -110,8 +115,16 @@ async def service(
         timezone="Asia/Shanghai",
         alerts=QuotaAlerts(),
         notifier=notifier,
+        publish=_collect(events) if events is not None else None,
         forecast_period_s=0,
     )
+
+
+def _collect(events: list[tuple[str, Mapping[str, Any]]]) -> EventPublisher:
+    async def publish(kind: str, body: Mapping[str, Any]) -> None:
+        events.append((kind, body))
+
+    return publish
 
 
 async def test_a_month_raises_each_alert_once_at_its_crossing(
@@ -123,7 +136,8 @@ async def test_a_month_raises_each_alert_once_at_its_crossing(
     start = datetime(2026, 3, 1, tzinfo=TZ)
     clock = FakeClock(start)
     async with Notifier.from_config(site.notifications, clock=clock) as notifier:
-        svc = await service(site, pool, clock, notifier)
+        events: list[tuple[str, Mapping[str, Any]]] = []
+        svc = await service(site, pool, clock, notifier, events)
         await svc.warm_start()
         # 100 kWh every hour: 53.66 kg/h, 744 h in March = 39.92304 t. Quota 36 t: the actuals cross
         # 80 % (28.8 t) after ceil(28800 / 53.66) = 537 h, 90 % (32.4 t) after 604 h, 100 % after 671 h.
@@ -148,6 +162,15 @@ async def test_a_month_raises_each_alert_once_at_its_crossing(
     assert sorted(ids) == sorted(
         {f"quota:ent:2026-03:{b}:{t:g}" for b in ("actual", "forecast") for t in (80, 90, 100)}
     )
+    # The events stream got a ledger update every turn and one quota_alert per crossing.
+    alerts = [body for kind, body in events if kind == "quota_alert"]
+    assert sorted(str(a["id"]) for a in alerts) == sorted(ids)
+    ledger = [body for kind, body in events if kind == "ledger"]
+    assert len(ledger) == 744
+    # The turn at 23:00 on 31 March: 743 hours booked; the last turn (1 April, 00:00) starts April.
+    assert ledger[-2]["month"] == "2026-03"
+    assert ledger[-2]["nodes"]["ent"][1] == pytest.approx(743 * 100 * GRID_2022, rel=1e-6)
+    assert ledger[-1]["month"] == "2026-04"
     # The month's ledger in the database: 744 x 100 kWh x 0.5366 kg/kWh.
     async with pool.acquire() as conn:
         total = await conn.fetchval("SELECT sum(co2e_kg) FROM ledger_hourly WHERE node_id = 'ws'")

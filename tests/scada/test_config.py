@@ -207,3 +207,38 @@ def test_bad_retention_is_named(change: tuple[str, str], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_site(BASE.replace(old, new, 1), source="site.yaml")
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("point_extra", "expected"),
+    [
+        (
+            "anomaly: {detector: {kind: robust_z, window: 0}}",
+            "detector spec field 'window': must be an integer >= 1",
+        ),
+        ("anomaly: {detector: {kind: sorcery}}", "detector spec field 'kind'"),
+        ("alarms: [{kind: hh}]", "alarms[0].setpoint"),
+        ("alarms: [{kind: hh, setpoint: 5, priority: urgent}]", "alarms[0].priority"),
+        ("ledger: supply, kind_of: x", "kind_of"),
+        ("ledger: charge", "needs an energy point"),
+    ],
+)
+def test_bad_point_alarm_anomaly_and_ledger_fields_are_named(point_extra: str, expected: str) -> None:
+    kind = "temperature, unit: degC" if "charge" in point_extra else "power, unit: kW, carrier: electricity"
+    text = (
+        BASE
+        + f"    points: [{{key: x_point, kind: {kind}, modbus: {{address: 10, type: float32}}, {point_extra}}}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_site(text, source="site.yaml")
+    message = str(info.value)
+    assert message.startswith("site.yaml: devices[0] (m1).points[0]")
+    assert expected in message
+
+
+def test_storage_counter_must_name_its_ledger_role() -> None:
+    point = (
+        "{key: e_in, kind: energy_counter, unit: kWh, carrier: storage, modbus: {address: 10, type: uint32}}"
+    )
+    with pytest.raises(ConfigError, match="a storage counter needs 'ledger: charge' or 'ledger: discharge'"):
+        parse_site(BASE + f"    points: [{point}]\n")

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from scada.model import Availability, AvailabilityEvent, DeviceId, PointId, Quality, Reading, StreamName
 from streams.bus import stream_key
-from streams.codec import encode_event, encode_readings
-from streams.live import LiveHub, run_live_feed
+from streams.codec import encode_event, encode_json_event, encode_readings
+from streams.live import AlarmFrame, LiveHub, follow_availability, run_live_feed
 
 T0 = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 P1, P2 = PointId("m1.active_power_kw"), PointId("m2.active_power_kw")
@@ -101,3 +101,73 @@ async def test_feed_follows_the_streams(redis_client: aioredis.Redis, stream_pre
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_alarm_frames_go_to_clients_that_follow_the_console() -> None:
+    hub = LiveHub()
+    with hub.subscribe() as all_consoles, hub.subscribe() as plant_a, hub.subscribe() as readings_only:
+        all_consoles.alarm_consoles = set()
+        plant_a.alarm_consoles = {"ent-a"}
+        hub.publish_alarms(
+            [{"alarm_id": "x:hh", "console": "ent-a"}, {"alarm_id": "y:h", "console": "ent-b"}]
+        )
+        assert all_consoles.queue.get_nowait() == AlarmFrame(
+            [{"alarm_id": "x:hh", "console": "ent-a"}, {"alarm_id": "y:h", "console": "ent-b"}]
+        )
+        assert plant_a.queue.get_nowait() == AlarmFrame([{"alarm_id": "x:hh", "console": "ent-a"}])
+        assert readings_only.queue.empty()
+
+
+async def test_live_feed_carries_alarm_events_and_the_availability_follower_sees_devices(
+    redis_client: aioredis.Redis, stream_prefix: str
+) -> None:
+    hub = LiveHub()
+    readings_key = stream_key(stream_prefix, StreamName.READINGS)
+    events_key = stream_key(stream_prefix, StreamName.EVENTS)
+    alarms_key = stream_key(stream_prefix, StreamName.ALARMS)
+    seen: list[tuple[str, bool, str]] = []
+
+    async def on_availability(device: DeviceId, online: bool, ts: datetime, reason: str) -> None:
+        seen.append((device, online, reason))
+
+    feed = asyncio.create_task(
+        run_live_feed(
+            redis_client,
+            hub,
+            readings_key=readings_key,
+            events_key=events_key,
+            alarms_key=alarms_key,
+            block_ms=100,
+        )
+    )
+    follower = asyncio.create_task(
+        follow_availability(redis_client, events_key, on_availability, block_ms=100)
+    )
+    try:
+        with hub.subscribe() as sub:
+            sub.alarm_consoles = set()
+            await asyncio.sleep(0.3)  # both start at the streams' ends
+            await redis_client.xadd(
+                events_key, encode_json_event(b"ledger", {"month": "2026-11"})
+            )  # not availability
+            await redis_client.xadd(
+                events_key,
+                encode_event(
+                    AvailabilityEvent(
+                        device=DeviceId("m2"), ts=T0, availability=Availability.STALE, reason="silent"
+                    )
+                ),
+            )
+            await redis_client.xadd(
+                alarms_key, encode_json_event(b"alarm", {"alarm_id": "m2:offline", "console": "e"})
+            )
+            async with asyncio.timeout(5):
+                frame = await sub.queue.get()
+                while not seen:
+                    await asyncio.sleep(0.02)
+        assert frame == AlarmFrame([{"alarm_id": "m2:offline", "console": "e"}])
+        assert seen == [("m2", False, "silent")]
+    finally:
+        for task in (feed, follower):
+            task.cancel()
+        await asyncio.gather(feed, follower, return_exceptions=True)
