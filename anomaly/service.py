@@ -134,36 +134,54 @@ class AlarmStore:
                 timeout=self._timeout_s,
             )
 
-    async def statuses(self, *, console: str | None, active_only: bool) -> list[asyncpg.Record]:
-        """Return alarm statuses (not normal ones if ``active_only``), most urgent first."""
+    async def statuses(
+        self, *, console: str | None, active_only: bool, nodes: list[str] | None = None
+    ) -> list[asyncpg.Record]:
+        """Return alarm statuses, most urgent first: not normal ones if ``active_only``; of ``nodes``."""
         async with self._pool.acquire(timeout=self._timeout_s) as conn:
             return list(
                 await conn.fetch(
                     """SELECT * FROM alarm_status
                        WHERE ($1::text IS NULL OR console = $1) AND (NOT $2 OR state <> 'normal')
+                             AND ($3::text[] IS NULL OR node_id = ANY($3::text[]))
                        ORDER BY priority, since DESC LIMIT 10000""",
                     console,
                     active_only,
+                    nodes,
                     timeout=self._timeout_s,
                 )
             )
 
     async def events(
-        self, *, alarm: str | None, console: str | None, start: datetime, end: datetime, limit: int
+        self,
+        *,
+        alarm: str | None,
+        console: str | None,
+        start: datetime,
+        end: datetime,
+        limit: int,
+        nodes: list[str] | None = None,
+        after: tuple[datetime, int] | None = None,
     ) -> list[asyncpg.Record]:
-        """Return the events of ``[start, end)``, oldest first, optionally of one alarm or console."""
+        """Return events of ``[start, end)``, oldest first: of one alarm, console or ``nodes``."""
+        after_at, after_seq = after if after is not None else (None, 0)
         async with self._pool.acquire(timeout=self._timeout_s) as conn:
             return list(
                 await conn.fetch(
-                    """SELECT event, extra FROM alarm_events
+                    """SELECT at, seq, event, extra FROM alarm_events
                        WHERE at >= $1 AND at < $2 AND ($3::text IS NULL OR alarm_id = $3)
                              AND ($4::text IS NULL OR console = $4)
+                             AND ($6::text[] IS NULL OR node_id = ANY($6::text[]))
+                             AND ($7::timestamptz IS NULL OR (at, seq) > ($7, $8))
                        ORDER BY at, seq LIMIT $5""",
                     start,
                     end,
                     alarm,
                     console,
                     limit,
+                    nodes,
+                    after_at,
+                    after_seq,
                     timeout=self._timeout_s,
                 )
             )

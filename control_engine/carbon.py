@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from control_engine.forecast import MonthForecast, MonthForecaster, month_bounds, month_key
-from control_engine.ledger import CarbonLedger, LedgerUpdate
+from control_engine.ledger import CarbonLedger, LedgerUpdate, Restatement
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import Basis, QuotaAlerts, QuotaCrossing, QuotaStatus
 from scada.model import UTC, Clock, NodeId, PointId, Reading
@@ -357,8 +357,10 @@ class CarbonService:
         compute_period_s: float = 10.0,
         forecast_period_s: float = 60.0,
         close_after_s: float = 900.0,
+        audit: Callable[[Sequence[Restatement]], Awaitable[None]] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._audit = audit
         self._store = store
         self._parents = dict(parents)
         self._names = dict(names)
@@ -424,6 +426,8 @@ class CarbonService:
         now = self._clock.now()
         update = self._ledger.compute(now=now.timestamp())
         await self._store.write(update)
+        if update.restatements and self._audit is not None:
+            await self._audit(update.restatements)  # data corrections leave a trace in the audit log
         for restated in update.restatements:
             _LOGGER.info(
                 "ledger: %s %s %s restated %.3f -> %.3f kg (%s)",

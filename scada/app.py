@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+import json
 import logging
+import os
+import secrets
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -31,11 +35,12 @@ from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmPriority
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
 from control_engine.forecast import MonthForecaster
-from control_engine.ledger import CarbonLedger
+from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
 from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
+from scada.api.auth import AUTH, AuthContext, add_auth_routes, auth_middleware
 from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
@@ -50,12 +55,16 @@ from scada.api.routes import (
     DeadLetterView,
     add_routes,
 )
+from scada.audit import AuditLog
+from scada.auth_store import AuthStore
 from scada.catalog import SiteCatalog, ledger_points, node_tree, sync_catalog
 from scada.config import SiteConfig
 from scada.db import create_pool, migrate
 from scada.gateway import Gateway
-from scada.model import Clock, NodeId, ServiceError, StreamName
+from scada.model import Clock, ConfigError, NodeId, ServiceError, StreamName
 from scada.runtime import Backoff, SystemClock, TaskSupervisor
+from scada.security import Grant, NodeTree, TokenSigner
+from scada.security import Role as AccessRole
 from scada.services import Endpoints
 from scada.sessions import DeviceSession
 from scada.settings import Settings
@@ -134,7 +143,7 @@ def create_app(
     clock: Clock | None = None,
 ) -> web.Application:
     """Build the server application for ``site`` on the given service endpoints."""
-    app = web.Application(middlewares=[problem_middleware])
+    app = web.Application(middlewares=[problem_middleware, auth_middleware])
     app[SETTINGS] = settings
     app[_ENDPOINTS] = endpoints
     app[_CLOCK] = clock or SystemClock()
@@ -150,10 +159,11 @@ def create_app(
         hub=app[HUB],
         streams={s.value: stream_key(settings.stream_prefix, s) for s in _METERED_STREAMS},
     )
-    app.cleanup_ctx.extend([_factors, _database, _redis, _plant])
+    app.cleanup_ctx.extend([_factors, _database, _security, _redis, _plant])
     add_routes(app)
     add_carbon_routes(app)
     add_alarm_routes(app)
+    add_auth_routes(app)
     return app
 
 
@@ -182,6 +192,63 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await pool.close()
+
+
+async def _security(app: web.Application) -> AsyncIterator[None]:
+    """Tenants, the token signer, the audit log and the bootstrap admin (docs/security.md)."""
+    settings, site = app[SETTINGS], app[CATALOG].site
+    parents, _levels = node_tree(site)
+    tree = NodeTree({str(k): v for k, v in parents.items()})
+    store = AuthStore(app[_POOL], tree, timeout_s=settings.service_timeout_s)
+    await store.sync_tenants(site)
+    audit = AuditLog(app[_POOL], timeout_s=settings.service_timeout_s)
+    key = (
+        settings.secret_key.encode()
+        if settings.secret_key
+        else await asyncio.to_thread(_stored_key, settings)
+    )
+    app[AUTH] = AuthContext(TokenSigner(key), store, tree, audit, app[CATALOG])
+    document = json.dumps(site.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
+    await audit.append(
+        actor="system",
+        action="config.load",
+        target=f"site:{site.site.id}",
+        detail={
+            "site_sha256": hashlib.sha256(document).hexdigest(),
+            "devices": len(site.devices),
+            "points": sum(len(d.points) for d in site.devices),
+            "tenants": [t.id for t in site.tenants] or [site.site.id],
+        },
+    )
+    if settings.bootstrap_admin:
+        tenant, username, password = settings.bootstrap_admin.split(":", 2)
+        grants = [Grant(node, AccessRole.ADMIN) for node in sorted(store.tenant_nodes(tenant))]
+        if not grants:
+            raise ConfigError(f"SCADA_BOOTSTRAP_ADMIN: unknown tenant {tenant!r}")
+        try:
+            await store.create_user(tenant, username, password, grants)
+        except KeyError:
+            pass  # made on an earlier start
+        else:
+            await audit.append(
+                actor="system", action="user.bootstrap", target=f"user:{username}", tenant=tenant
+            )
+            _LOGGER.info("created the bootstrap admin %s of tenant %s", username, tenant)
+    yield
+
+
+def _stored_key(settings: Settings) -> bytes:
+    """Return the token signing key kept in the data directory, making it on first use (0600)."""
+    path = settings.data_dir / "token-signing.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        key = secrets.token_bytes(32)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key)
+        return key
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
@@ -269,6 +336,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                 shard=Shard.parse(settings.gateway_shard),
                 client_id=f"carbonos-{consumer_name}",
                 service_timeout_s=settings.service_timeout_s,
+                mqtt_security=settings.mqtt_security,
             )
             await plant.gateway.start(plant.supervisor)
             gateway = plant.gateway
@@ -329,6 +397,23 @@ async def _start_carbon(app: web.Application, consumer_name: str) -> None:
         async with asyncio.timeout(timeout_s):
             await redis.xadd(events_key, fields, maxlen=EVENTS_MAXLEN, approximate=True)
 
+    audit_log = app[AUTH].audit
+
+    async def audit_restatements(restated: Sequence[Restatement]) -> None:
+        for r in restated:
+            await audit_log.append(
+                actor="ledger",
+                action="ledger.restate",
+                target=f"ledger:{r.node}:{r.hour.isoformat()}:{r.carrier.value}:{r.source.value}",
+                detail={
+                    "old_co2e_kg": r.old_co2e_kg,
+                    "new_co2e_kg": r.new_co2e_kg,
+                    "old_activity": r.old_activity,
+                    "new_activity": r.new_activity,
+                    "reason": r.reason,
+                },
+            )
+
     plant.carbon = app[CARBON] = CarbonService(
         ledger,
         app[CARBON_STORE],
@@ -341,6 +426,7 @@ async def _start_carbon(app: web.Application, consumer_name: str) -> None:
         notifier=plant.notifier,
         publish=publish,
         close_after_s=site.carbon.close_after_s,
+        audit=audit_restatements,
     )
     await plant.carbon.warm_start()
     plant.supervisor.spawn(

@@ -11,20 +11,25 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from scada import __version__
 from scada.app import Role, create_app
+from scada.audit import AuditEntry, AuditLog, export
+from scada.auth_store import tenants_of
 from scada.config import SiteConfig, load_site
+from scada.db import create_pool
 from scada.model import (
     Command,
     CommandStatus,
@@ -114,6 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the result")
     command.set_defaults(func=_cmd_command)
 
+    audit = sub.add_parser("audit", help="verify or export the tamper-evident audit log")
+    audit_sub = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="walk the hash chain; exit 0 only if no entry was edited, deleted or cut off",
+        description="Check every entry of the audit log in SCADA_DB_URL (default: the local database).",
+    )
+    verify.add_argument("--expect-head", help="the head hash anchored earlier (printed by a previous verify)")
+    verify.set_defaults(func=_cmd_audit_verify)
+    export_cmd = audit_sub.add_parser("export", help="write the audit log as CSV or JSON")
+    export_cmd.add_argument("--format", choices=["csv", "json"], default="csv")
+    export_cmd.add_argument("--tenant", help="only this tenant's entries")
+    export_cmd.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    export_cmd.set_defaults(func=_cmd_audit_export)
+
     check = sub.add_parser("check-config", help="validate a site file and print a summary")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_cmd_check)
@@ -133,6 +153,64 @@ def _configure_logging(level: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Commands
+
+
+T = TypeVar("T")
+
+
+def _db_url(settings: Settings) -> str:
+    if settings.db_url not in (None, EMBEDDED):
+        return str(settings.db_url)
+    base, _, _ = DEFAULT_LOCAL.db_admin_url.rpartition("/")
+    return f"{base}/{DEFAULT_LOCAL.db_name}"
+
+
+async def _with_audit(settings: Settings, action: Callable[[AuditLog], Awaitable[T]]) -> T:
+    url = _db_url(settings)
+    try:
+        pool = await create_pool(url, timeout_s=settings.service_timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as err:
+        raise ServiceError(f"PostgreSQL at {url}: {err}") from err
+    try:
+        return await action(AuditLog(pool, timeout_s=settings.service_timeout_s))
+    except asyncpg.UndefinedTableError:
+        raise ServiceError(f"no audit log in {url}: has the server run its migrations there?") from None
+    finally:
+        await pool.close()
+
+
+def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    report = asyncio.run(_with_audit(settings, lambda log: log.verify(expect_head=args.expect_head)))
+    print(  # noqa: T201 -- CLI output
+        json.dumps(
+            {
+                "ok": report.ok,
+                "entries": report.entries,
+                "head_seq": report.head_seq,
+                "head_hash": report.head_hash,
+                "problems": report.problems,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def _cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    async def collect(log: AuditLog) -> list[AuditEntry]:
+        out: list[AuditEntry] = []
+        while True:
+            page = await log.entries(tenant=args.tenant, after_seq=out[-1].seq if out else 0, limit=10_000)
+            out.extend(page)
+            if len(page) < 10_000:
+                return out
+
+    text = export(asyncio.run(_with_audit(settings, collect)), args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+    return EXIT_OK
 
 
 def _cmd_check(args: argparse.Namespace, _settings: Settings) -> int:
@@ -207,8 +285,26 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     site = load_site(args.config)
+    if settings.bootstrap_admin is None:  # a first login for the person trying the demo
+        settings = settings.model_copy(
+            update={"bootstrap_admin": f"{tenants_of(site)[0][0]}:admin:{_demo_password(settings)}"}
+        )
     asyncio.run(_serve(site, settings, roles=frozenset({Role.ALL}), simulators=args.speed))
     return EXIT_OK
+
+
+def _demo_password(settings: Settings) -> str:
+    """Return the demo admin's password, made once and kept (0600) in the data directory."""
+    path = settings.data_dir / "demo-admin-password"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        password = secrets.token_urlsafe(12)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(password + "\n")
+        return password
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> NoReturn:
@@ -250,7 +346,7 @@ async def _serve(
                 )
             runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
             tune_gc_for_server()  # every role is up: freeze what start-up built (docs/sessions.md)
-            _announce(runner, site, endpoints, demo=simulators is not None)
+            _announce(runner, site, endpoints, settings, demo=simulators is not None)
             await stop.wait()
             _LOGGER.info("stopping")
     finally:
@@ -315,7 +411,9 @@ async def _simulator_process(
                 await proc.wait()
 
 
-def _announce(runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, *, demo: bool) -> None:
+def _announce(
+    runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, settings: Settings, *, demo: bool
+) -> None:
     host, port = _bound_address(runner)
     base = f"http://{host}:{port}"
     example = next(
@@ -330,8 +428,15 @@ def _announce(runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, *, 
         f"  history    {base}/api/v1/points/{example}/history",
         f"  websocket  ws://{host}:{port}/api/v1/ws",
         f"  services   {', '.join(f'{k}: {v}' for k, v in endpoints.origins.items())}",
-        "Press Ctrl-C to stop." if demo else "Send SIGINT or SIGTERM to stop.",
+        f"  API docs   {base}/api/v1/docs",
     ]
+    if demo and settings.bootstrap_admin:
+        tenant, username, password = settings.bootstrap_admin.split(":", 2)
+        lines.append(
+            f"  log in     POST {base}/api/v1/auth/login "
+            f'{{"tenant": "{tenant}", "username": "{username}", "password": "{password}"}}'
+        )
+    lines.append("Press Ctrl-C to stop." if demo else "Send SIGINT or SIGTERM to stop.")
     print("\n".join(lines), flush=True)  # noqa: T201 -- the demo's user-facing output
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "SimulationConfig",
     "SiteConfig",
     "SiteInfo",
+    "TenantConfig",
     "load_site",
     "parse_site",
 ]
@@ -460,6 +461,15 @@ class CarbonConfig(_Frozen):
         return tuple(sorted(set(value)))
 
 
+class TenantConfig(_Frozen):
+    """A tenant: the customer that owns some subtrees of the hierarchy (docs/security.md)."""
+
+    id: Id
+    name: Annotated[str, Field(min_length=1)]
+    nodes: Annotated[tuple[Id, ...], Field(min_length=1)]
+    """The nodes the tenant owns, each with everything below it."""
+
+
 class SiteConfig(_Frozen):
     """A validated site: hierarchy, templates, devices (with their templates expanded)."""
 
@@ -475,6 +485,8 @@ class SiteConfig(_Frozen):
     """Site overrides of the emission factor library (docs/emission-factors.md): each replaces the
     factor with the same id (or carrier, region, variant and year), or adds one. Checked at load."""
     carbon: CarbonConfig = CarbonConfig()
+    tenants: tuple[TenantConfig, ...] = ()
+    """Tenants and the subtrees they own; without any, one tenant (the site's id) owns everything."""
     notifications: NotifyConfig | None = None
     """Alert channels and routes (docs/notifications.md); quota alerts are only logged without."""
 
@@ -575,7 +587,20 @@ def _expand_and_check(site: SiteConfig) -> SiteConfig:
             raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
         devices.append(_expand_device(site, device, where))
         _check_retention_names(devices[-1], where, retention)
+    _check_tenants(site, nodes)
     return site.model_copy(update={"devices": tuple(devices), "retention": retention})
+
+
+def _check_tenants(site: SiteConfig, nodes: Mapping[str, Any]) -> None:
+    # A node may belong to several tenants (a platform operator and its customer); ids are unique.
+    seen: set[str] = set()
+    for index, tenant in enumerate(site.tenants):
+        if tenant.id in seen:
+            raise _FieldError(f"tenants[{index}].id", f"duplicate tenant id {tenant.id!r}")
+        seen.add(tenant.id)
+        for node in tenant.nodes:
+            if node not in nodes:
+                raise _FieldError(f"tenants[{index}] ({tenant.id}).nodes", f"unknown node {node!r}")
 
 
 def _check_retention_names(

@@ -20,6 +20,7 @@ from protocols.modbus.driver import ModbusDriver, ModbusPointSpec
 from protocols.mqtt.config import MqttVersion
 from protocols.mqtt.connection import MqttConnection
 from protocols.mqtt.driver import MqttDriver, MqttPointSpec
+from protocols.mqtt.security import MqttSecurityConfig
 from protocols.opcua.driver import OpcUaDriver, OpcUaPointSpec
 from scada.config import DeviceConfig, PointConfig, Protocol, SiteConfig
 from scada.model import (
@@ -119,8 +120,10 @@ class Gateway:
         shard: Shard | None = None,
         client_id: str = "carbonos-gateway",
         service_timeout_s: float = 5.0,
+        mqtt_security: MqttSecurityConfig | None = None,
     ) -> None:
         self._site = site
+        self._mqtt_security = mqtt_security
         self._sink = sink
         self._clock = clock
         self._mqtt_url = mqtt_url
@@ -159,6 +162,7 @@ class Gateway:
                 version=version,
                 timeout_s=self._service_timeout_s,
                 dead_letters=self._sink,
+                security=self._mqtt_security,
             )
             await connection.start()
             self._mqtt[version] = connection

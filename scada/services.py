@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
@@ -54,6 +55,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from protocols.mqtt.security import MqttSecurityConfig, broker_connect_args, make_ssl_context
 from scada.model import ServiceError
 from scada.runtime import Backoff
 from scada.settings import EMBEDDED, ENV_PREFIX, Settings
@@ -199,7 +201,7 @@ async def running_services(
             _MQTT,
             settings.mqtt_url,
             local_url=local.mqtt_url,
-            check=_check_mqtt,
+            check=functools.partial(_check_mqtt, security=settings.mqtt_security),
             check_local=_check_mqtt,
             start=lambda: _start_mqtt(stack, start_timeout_s),
             retry_s=retry_s,
@@ -423,20 +425,24 @@ def _mqtt_errors() -> Iterator[None]:
         raise _Rejected(_describe(err)) from err
 
 
-async def _check_mqtt(url: str, timeout_s: float) -> None:
-    """Open a session with a minimal MQTT 3.1.1 CONNECT, expect CONNACK 0, then DISCONNECT."""
+async def _check_mqtt(url: str, timeout_s: float, *, security: MqttSecurityConfig | None = None) -> None:
+    """Open a session with a minimal MQTT 3.1.1 CONNECT, expect CONNACK 0, then DISCONNECT.
+
+    ``security`` (the settings' CA file, client certificate and credentials) is used as the gateway
+    will use it, so a broker behind a private CA is probed as it will be connected to.
+    """
     with _mqtt_errors():
         parts = urlsplit(url)
         if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"}:
             raise ValueError(f"unsupported scheme {parts.scheme!r}: expected mqtt:// or mqtts://")
-        tls = parts.scheme in {"mqtts", "ssl"}
-        host, port = parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883)
-        user = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password else None
+        args = broker_connect_args(url, security)
+        host, port, user = args.host, args.port, args.username
+        password = args.password
+        context: ssl.SSLContext | None = None
+        if args.tls:
+            context = await asyncio.to_thread(make_ssl_context, args.security)
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=ssl.create_default_context() if tls else None
-            )
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
             try:
                 writer.write(_mqtt_connect_packet(f"scada-probe-{secrets.token_hex(4)}", user, password))
                 await writer.drain()

@@ -10,10 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from protocols.mqtt.security import MqttSecurityConfig, broker_connect_args
 from scada.model import ConfigError
 from scada.sharding import Shard
 
@@ -55,6 +64,52 @@ class Settings(BaseModel):
     falls in its shard, so ``count`` gateway processes share one fleet (see :mod:`scada.sharding`)."""
     log_level: str = "INFO"
     """``SCADA_LOG_LEVEL``: DEBUG, INFO, WARNING or ERROR."""
+    mqtt_ca_file: Path | None = None
+    """``SCADA_MQTT_CA_FILE``: PEM CA(s) that issued the broker's certificate (with an mqtts:// URL)."""
+    mqtt_cert_file: Path | None = None
+    """``SCADA_MQTT_CERT_FILE``: client certificate for a broker that requires one."""
+    mqtt_key_file: Path | None = None
+    """``SCADA_MQTT_KEY_FILE``: the client certificate's private key."""
+    mqtt_key_password: SecretStr | None = None
+    """``SCADA_MQTT_KEY_PASSWORD``: password of an encrypted client key."""
+    mqtt_username: str | None = None
+    """``SCADA_MQTT_USERNAME``: broker user (or put ``user:password@`` in the URL)."""
+    mqtt_password: SecretStr | None = None
+    """``SCADA_MQTT_PASSWORD``: broker password."""
+    secret_key: str | None = Field(default=None, min_length=32, repr=False)
+    """``SCADA_SECRET_KEY``: the key that signs access tokens (at least 32 characters; every API
+    process of a deployment needs the same one). Unset: a random key kept in ``SCADA_DATA_DIR``."""
+    bootstrap_admin: str | None = Field(default=None, repr=False)
+    """``SCADA_BOOTSTRAP_ADMIN``: ``tenant:username:password``: create this admin of the tenant's
+    nodes at start-up if the tenant has no such user (the first login of a new installation)."""
+
+    @property
+    def mqtt_security(self) -> MqttSecurityConfig:
+        """Return the broker connection's TLS files and credentials."""
+        return MqttSecurityConfig(
+            ca_file=self.mqtt_ca_file,
+            client_certificate=self.mqtt_cert_file,
+            client_key=self.mqtt_key_file,
+            client_key_password=self.mqtt_key_password,
+            username=self.mqtt_username,
+            password=self.mqtt_password,
+        )
+
+    @model_validator(mode="after")
+    def _check_mqtt_security(self) -> Self:
+        security = self.mqtt_security  # pairs (certificate and key, password and user) checked here
+        if self.mqtt_url not in (None, EMBEDDED):
+            broker_connect_args(
+                str(self.mqtt_url), security
+            )  # TLS files need mqtts://, one set of credentials
+        return self
+
+    @field_validator("bootstrap_admin")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") < 2 or len(value.split(":", 2)[2]) < 8):
+            raise ValueError("expected tenant:username:password with a password of at least 8 characters")
+        return value
 
     @field_validator("gateway_shard")
     @classmethod

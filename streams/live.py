@@ -57,13 +57,17 @@ class Subscription:
     points: set[PointId] = field(default_factory=set)
     alarm_consoles: set[str] | None = None
     """Consoles whose alarms the client follows; empty: every console; None: no alarms."""
+    alarm_nodes: set[str] | None = None
+    """Nodes whose alarms the client may see (its tenant and grants); None: no restriction."""
     dropped_frames: int = 0
     """Frames dropped because the client fell behind; reported to the client, then reset."""
 
     def wants_alarm(self, event: Mapping[str, Any]) -> bool:
         """Return True if the client follows the console of this alarm event."""
-        consoles = self.alarm_consoles
-        return consoles is not None and (not consoles or event.get("console") in consoles)
+        consoles, nodes = self.alarm_consoles, self.alarm_nodes
+        if consoles is None or (nodes is not None and event.get("node") not in nodes):
+            return False
+        return not consoles or event.get("console") in consoles
 
     def offer(self, frame: Frame) -> None:
         """Queue a frame, dropping the oldest queued frame if the client is behind."""

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from _auth_helpers import TEST_SECRET_KEY, admin_headers
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -94,10 +95,10 @@ async def server(
     aiohttp_client: Callable[[web.Application], Any],
 ) -> TestClient[web.Request, web.Application]:
     del simulators, redis_client  # started first; the client fixture cleans this test's keys
-    settings = Settings(stream_prefix=stream_prefix)
+    settings = Settings(stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY)
     endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
     client: TestClient[web.Request, web.Application] = await aiohttp_client(
-        create_app(site, settings, endpoints)
+        create_app(site, settings, endpoints), headers=admin_headers(site)
     )
     return client
 

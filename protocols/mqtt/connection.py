@@ -6,6 +6,15 @@ Incoming messages are routed by a dict lookup on the exact topic; only filters w
 (rare: a device whose telemetry topic has wildcards) are matched one by one after that lookup
 misses. A message on a topic nobody owns goes to the dead-letter sink ("unknown topic").
 
+Security
+--------
+``mqtts://`` URLs connect over TLS, verifying the broker against ``security.ca_file`` (else the
+system CAs) and presenting a client certificate when configured; credentials come from the URL or
+from ``security`` (see :mod:`protocols.mqtt.security`). Refusals are told apart in
+``last_error`` and in the ``DeviceUnavailable`` of ``wait_connected()``: an untrusted broker
+certificate, a TLS handshake the broker broke off, bad credentials, or a plain ``mqtt://`` client
+talking to a TLS port. Passwords never appear in logs or errors.
+
 Who reconnects
 --------------
 STYLE.md wants reconnects in one place, the device session, and library auto-reconnect off. A
@@ -28,6 +37,8 @@ gmqtt quirks handled here
 - gmqtt keeps the MQTT version in a class attribute set by every ``connect()``; two clients with
   different versions in one process would overwrite each other. The version is pinned on each
   connection's protocol object instead.
+- gmqtt passes ``ssl`` straight to ``loop.create_connection``, so the TLS context built by
+  :func:`protocols.mqtt.security.make_ssl_context` (CA, client certificate) is used as is.
 - gmqtt answers CONNACK code 1 (the broker does not speak the version, e.g. the embedded amqtt
   broker, which is 3.1.1 only, asked for MQTT 5) by quietly downgrading and reconnecting; here it
   is a failed attempt, "code 1 (Connection Refused: unacceptable protocol version)".
@@ -37,16 +48,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-from urllib.parse import unquote, urlsplit
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 
 from protocols.mqtt.config import MqttVersion
+from protocols.mqtt.security import MqttSecurityConfig, broker_connect_args, make_ssl_context
 from scada.model import DeadLetterSink, DeviceProtocolError, DeviceUnavailable
 from scada.runtime import Backoff
 
@@ -151,15 +164,18 @@ class MqttConnection:
         password: str | None = None,
         keepalive_s: int = 30,
         backoff: Backoff | None = None,
+        security: MqttSecurityConfig | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
-            raise ValueError(f"expected mqtt://host[:port], got {url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        self._ssl = parts.scheme == "mqtts"
-        self._username = username if username is not None else (unquote(parts.username or "") or None)
-        self._password = password if password is not None else (unquote(parts.password or "") or None)
+        args = broker_connect_args(url, security)
+        if username is not None:  # explicit arguments win over the URL's userinfo
+            args = dataclasses.replace(args, username=username, password=password)
+        self._broker = args
+        self._host = args.host
+        self._port = args.port
+        self._username = args.username
+        self._password = args.password
+        if args.plaintext_password:
+            _LOGGER.warning("MQTT %s: the password is sent without TLS; use mqtts://", args.display)
         self._client_id = client_id
         self._version = MqttVersion(version)
         self._timeout_s = timeout_s
@@ -182,7 +198,7 @@ class MqttConnection:
         self.stats = MqttConnectionStats()
 
     def __repr__(self) -> str:
-        return f"MqttConnection({self._host}:{self._port}, MQTT {self._version.value}, {self._client_id!r})"
+        return f"MqttConnection({self._broker.display}, MQTT {self._version.value}, {self._client_id!r})"
 
     @property
     def version(self) -> MqttVersion:
@@ -353,11 +369,16 @@ class MqttConnection:
         if self._username is not None:
             client.set_auth_credentials(self._username, self._password)
         try:
+            tls: ssl.SSLContext | bool = False
+            if self._broker.tls:
+                tls = await asyncio.to_thread(make_ssl_context, self._broker.security)
             async with asyncio.timeout(self._timeout_s):
-                await _connect(client, self._host, self._port, ssl=self._ssl, keepalive_s=self._keepalive_s)
+                await _connect_unless_lost(
+                    client, lost, self._host, self._port, ssl=tls, keepalive_s=self._keepalive_s
+                )
         except (OSError, TimeoutError, gmqtt.MQTTConnectError) as err:
             self.stats.connect_failures += 1
-            reason = _describe(err, self._timeout_s)
+            reason = _describe(err, self._timeout_s, tls=self._broker.tls)
             self._went_down(f"cannot connect to {self._host}:{self._port}: {reason}")
             self._first_attempt.set()
             await _disconnect(client, self._timeout_s)
@@ -490,19 +511,71 @@ class MqttConnection:
             )
 
 
-async def _connect(client: _Client, host: str, port: int, *, ssl: bool, keepalive_s: int) -> None:
+async def _connect(
+    client: _Client, host: str, port: int, *, ssl: ssl.SSLContext | bool, keepalive_s: int
+) -> None:
     """Connect and wait for CONNACK; raise ``MQTTConnectError`` for a refusal gmqtt let pass."""
     await client.connect(host, port, ssl=ssl, keepalive=keepalive_s, version=client.pinned_version)
     if client.failed_connections:  # gmqtt only swallows CONNACK code 1: "unacceptable protocol version"
         raise gmqtt.MQTTConnectError(1)
 
 
-def _describe(err: BaseException, timeout_s: float) -> str:
+_CREDENTIALS_REFUSED: Final = frozenset({4, 5, 134, 135})
+"""CONNACK codes for bad credentials / not authorised (MQTT 3.1.1: 4, 5; MQTT 5: 0x86, 0x87)."""
+
+
+async def _connect_unless_lost(
+    client: _Client,
+    lost: asyncio.Future[str],
+    host: str,
+    port: int,
+    *,
+    ssl: ssl.SSLContext | bool,
+    keepalive_s: int,
+) -> None:
+    """Connect, but fail at once if the broker drops the socket before CONNACK.
+
+    gmqtt itself would wait for a CONNACK that never comes (a TLS broker that refuses our client
+    certificate, or a plain client on a TLS port), and the attempt would end as a bare timeout.
+    """
+    attempt = asyncio.create_task(_connect(client, host, port, ssl=ssl, keepalive_s=keepalive_s))
+    try:
+        first: set[asyncio.Future[Any]] = {attempt, lost}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if attempt.done():
+            attempt.result()
+            return
+        refusal = client._error  # a refusing CONNACK seen just before the socket closed
+        if isinstance(refusal, gmqtt.MQTTConnectError):
+            raise refusal
+        raise ConnectionAbortedError("the broker closed the connection before CONNACK")
+    finally:
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.wait({attempt})
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here; the caller saw it through result() or not at all
+
+
+def _describe(err: BaseException, timeout_s: float, *, tls: bool = False) -> str:
+    """Say why a connection attempt failed, in words an operator can act on (never a password)."""
+    plain_hint = "" if tls else " (if the port is a TLS listener, use an mqtts:// URL)"
     if isinstance(err, TimeoutError):
-        return f"no CONNACK within {timeout_s:g} s"
-    if isinstance(err, OSError):
-        return err.strerror or str(err) or type(err).__name__
-    return str(err)
+        message = f"no CONNACK within {timeout_s:g} s{plain_hint}"
+    elif isinstance(err, ssl.SSLCertVerificationError):
+        message = f"TLS: broker certificate not trusted: {err.verify_message or err.reason or err}"
+    elif isinstance(err, ssl.SSLError):
+        message = f"TLS handshake failed: {err.reason or err}"
+    elif isinstance(err, ConnectionAbortedError | ConnectionResetError | BrokenPipeError):
+        tls_hint = " (with TLS: does the broker require a client certificate, or refuse ours?)"
+        message = f"the broker closed the connection before CONNACK{tls_hint if tls else plain_hint}"
+    elif isinstance(err, OSError):
+        message = err.strerror or str(err) or type(err).__name__
+    elif isinstance(err, gmqtt.MQTTConnectError) and getattr(err, "_code", None) in _CREDENTIALS_REFUSED:
+        message = f"credentials refused by the broker (check username and password): {err}"
+    else:
+        message = str(err)
+    return message
 
 
 async def _disconnect(client: _Client, timeout_s: float) -> None:

@@ -114,9 +114,19 @@ class OpcUaDeviceConfig(BaseModel):
     private_key: Path | None = None
     """Private key of :attr:`certificate` (PEM)."""
     server_certificate: Path | None = None
-    """Trusted server certificate; the session is refused when the server presents another one."""
+    """Pinned server certificate; the session is refused when the server presents another one."""
+    trust_list: tuple[Path, ...] = ()
+    """Trusted server and CA certificates: files (PEM, DER) or directories of them. When set, a server
+    whose certificate is neither in the list nor issued by a CA in it is refused."""
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    allow_plaintext_password: bool = False
+    """Send ``password`` even where it would travel unencrypted (security none, or a server whose
+    user token policy does not encrypt it); for isolated test benches only."""
+    user_certificate: Path | None = None
+    """X.509 user identity (DER or PEM), instead of username/password; needs :attr:`user_private_key`."""
+    user_private_key: Path | None = None
+    """Private key of :attr:`user_certificate` (PEM or DER); it signs the server's nonce, never leaves."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     """Per request (connect, read, write, call)."""
     subscribe: bool = True
@@ -132,6 +142,11 @@ class OpcUaDeviceConfig(BaseModel):
             raise ValueError(f"{value!r} is not an opc.tcp:// endpoint URL")
         return value
 
+    @field_validator("trust_list", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str | Path) else value
+
     @model_validator(mode="after")
     def _check_security(self) -> Self:
         secure = self.security_policy is not SecurityPolicy.NONE
@@ -142,6 +157,19 @@ class OpcUaDeviceConfig(BaseModel):
             raise ValueError(f"security policy {policy} needs certificate and private_key")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        if (self.user_certificate is None) != (self.user_private_key is None):
+            raise ValueError("user_certificate and user_private_key go together")
+        if self.username is not None and self.user_certificate is not None:
+            raise ValueError("give either username/password or user_certificate, not both")
+        if self.trust_list and not secure:
+            raise ValueError(
+                "trust_list needs security_policy basic256sha256: with none no server certificate is checked"
+            )
+        if self.password is not None and not secure and not self.allow_plaintext_password:
+            raise ValueError(
+                "a password with security_policy none travels in plain text: use basic256sha256 "
+                "(sign_and_encrypt), or set allow_plaintext_password: true on an isolated network"
+            )
         return self
 
     @property

@@ -43,17 +43,20 @@ Every service call is bounded by ``timeout_s`` (asyncua's own request timeout is
 longer, so ``asyncio.timeout`` decides) and mapped in one place, :meth:`OpcUaDriver._exchange`::
 
     no answer in time, socket errors, connection lost, session/channel gone -> DeviceUnavailable
-    server certificate not the pinned one                                  -> DeviceUnavailable
+    server certificate not pinned / not in the trust list                  -> SecurityRefused
+    user identity refused (BadUserAccessDenied...), unprotected password   -> SecurityRefused
     any other bad service result, malformed answers                        -> DeviceProtocolError
     bad status of a Write or Call, or of a read-back                       -> DeviceProtocolError
     unknown or read-only point, value the data type cannot hold            -> PointRejected
+
+:class:`~protocols.opcua.security.SecurityRefused` is a :class:`DeviceUnavailable`. Trust
+decisions and the password rule are explained in :mod:`protocols.opcua.security`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 from collections import deque
@@ -81,6 +84,14 @@ from protocols.opcua.config import (
     SecurityMode,
     SecurityPolicy,
 )
+from protocols.opcua.security import (
+    SecurityRefused,
+    TrustList,
+    describe_certificate,
+    password_is_protected,
+    sha256_fingerprint,
+    split_der_chain,
+)
 from scada.model import (
     Acquisition,
     Clock,
@@ -95,7 +106,7 @@ from scada.model import (
     RequestRejected,
 )
 
-__all__ = ["BrowsedNode", "OpcUaDriver", "OpcUaPointSpec", "PointRejected", "quality_of"]
+__all__ = ["BrowsedNode", "OpcUaDriver", "OpcUaPointSpec", "PointRejected", "SecurityRefused", "quality_of"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -131,6 +142,20 @@ _CONNECTION_CODES: Final = frozenset(
     }
 )
 """Status codes that mean the connection, session or subscription is gone, not a refused request."""
+_IDENTITY_CODES: Final[Mapping[int, str]] = {
+    StatusCodes.BadUserAccessDenied: "the server refused the user: wrong username or password, or user "
+    "certificate not accepted",
+    StatusCodes.BadIdentityTokenInvalid: "the server could not use the user identity token",
+    StatusCodes.BadIdentityTokenRejected: "the server does not accept this kind of user identity",
+    StatusCodes.BadUserSignatureInvalid: "the user certificate's signature was refused",
+    StatusCodes.BadCertificateUntrusted: "the server does not trust our certificate",
+    StatusCodes.BadCertificateInvalid: "the server found our certificate invalid",
+    StatusCodes.BadCertificateUriInvalid: "the server found our certificate's application URI invalid",
+    StatusCodes.BadCertificateTimeInvalid: "the server found our certificate expired or not yet valid",
+    StatusCodes.BadCertificateRevoked: "the server says our certificate is revoked",
+    StatusCodes.BadSecurityChecksFailed: "the server's security checks failed",
+}
+"""Refusals of who we are: a security problem to fix, not a network one, so the message says which."""
 _INT_RANGES: Final[Mapping[ua.VariantType, tuple[int, int]]] = {
     ua.VariantType.SByte: (-(2**7), 2**7 - 1),
     ua.VariantType.Byte: (0, 2**8 - 1),
@@ -239,6 +264,7 @@ class OpcUaDriver:
         self._keepalive_s = config.publishing_interval_ms / 1000 * config.keepalive_count
         self.dropped_batches = 0
         """Batches dropped because :meth:`receive` fell behind (oldest first)."""
+        self._warned_unverified = False
         _quiet_asyncua()
 
     @property
@@ -273,8 +299,10 @@ class OpcUaDriver:
             return
         await self.close()
         cfg = self._config
-        client = Client(
+        client = _GuardedClient(
             cfg.endpoint,
+            device=self._device,
+            allow_plaintext_password=cfg.allow_plaintext_password,
             timeout=cfg.timeout_s + _LIBRARY_TIMEOUT_MARGIN_S,
             # asyncua probes ServerState at this interval; keep-alives already prove liveness.
             watchdog_intervall=max(cfg.timeout_s, self._keepalive_s),
@@ -291,6 +319,8 @@ class OpcUaDriver:
         self._lost = None
         self._batches.clear()
         try:
+            if cfg.user_certificate is not None:
+                await self._load_user_identity(client)
             if cfg.security_policy is not SecurityPolicy.NONE:
                 await self._secure(client)
             async with self._exchange(f"connect to {cfg.endpoint}"):
@@ -479,6 +509,7 @@ class OpcUaDriver:
             )
         except OSError as err:
             raise DeviceUnavailable(f"{self._device}: cannot read a certificate or key: {err}") from err
+        trust_list = await self._load_trust_list()
         async with self._exchange(f"endpoint discovery at {cfg.endpoint}"):
             endpoints = await client.connect_and_get_server_endpoints()
         try:
@@ -488,14 +519,27 @@ class OpcUaDriver:
                 f"{self._device}: the server offers no {cfg.security_policy.value} {cfg.security_mode.value} "
                 "endpoint"
             ) from err
-        presented = _first_certificate(endpoint.ServerCertificate)
+        chain = self._server_chain(endpoint.ServerCertificate)
+        presented = chain[0].public_bytes(Encoding.DER)
         if pinned is not None:
             expected = _der(await uacrypto.load_certificate(pinned, _extension(cfg.server_certificate)))
             if presented != expected:
-                raise DeviceUnavailable(
-                    f"{self._device}: server certificate not trusted: it presented {_thumbprint(presented)}, "
-                    f"the configured one is {_thumbprint(expected)}"
+                raise SecurityRefused(
+                    f"{self._device}: server certificate not trusted: {describe_certificate(chain[0])}: "
+                    f"not the pinned certificate (sha256 {sha256_fingerprint(expected)})"
                 )
+        if trust_list is not None:
+            try:
+                trust_list.check(chain[0], intermediates=chain[1:])
+            except SecurityRefused as err:
+                raise SecurityRefused(f"{self._device}: {err}") from None
+        if pinned is None and trust_list is None and not self._warned_unverified:
+            self._warned_unverified = True
+            _LOGGER.warning(
+                "%s: no trust_list or server_certificate: accepting the server certificate %s unchecked",
+                self._device,
+                describe_certificate(chain[0]),
+            )
         own = await uacrypto.load_certificate(certificate_bytes, _extension(cfg.certificate))
         client.application_uri = _application_uri(own) or client.application_uri
         try:
@@ -508,6 +552,49 @@ class OpcUaDriver:
             )
         except (ValueError, UaError) as err:
             raise DeviceProtocolError(f"{self._device}: cannot use the certificate or key: {err}") from err
+
+    async def _load_trust_list(self) -> TrustList | None:
+        """Read the trust list again (an operator may have added a certificate since the last connect)."""
+        paths = self._config.trust_list
+        if not paths:
+            return None
+        try:
+            return await asyncio.to_thread(TrustList.load, paths)
+        except (OSError, ValueError) as err:
+            raise SecurityRefused(f"{self._device}: cannot read the trust list: {_describe(err)}") from err
+
+    def _server_chain(self, data: bytes | None) -> list[x509.Certificate]:
+        """Return the server's certificate and the intermediates it sent after it."""
+        if not data:
+            raise SecurityRefused(f"{self._device}: the server presented no certificate")
+        try:
+            return [x509.load_der_x509_certificate(der) for der in split_der_chain(data)]
+        except ValueError as err:
+            raise DeviceProtocolError(f"{self._device}: malformed server certificate: {err}") from err
+
+    async def _load_user_identity(self, client: Client) -> None:
+        """Load the X.509 user certificate and key that ActivateSession presents and signs with."""
+        cfg = self._config
+        assert cfg.user_certificate is not None  # checked by the config
+        assert cfg.user_private_key is not None
+        try:
+            certificate_bytes = await asyncio.to_thread(cfg.user_certificate.read_bytes)
+            key_bytes = await asyncio.to_thread(cfg.user_private_key.read_bytes)
+        except OSError as err:
+            raise DeviceUnavailable(
+                f"{self._device}: cannot read the user certificate or key: {err}"
+            ) from err
+        try:
+            client.user_certificate = await uacrypto.load_certificate(
+                certificate_bytes, _extension(cfg.user_certificate)
+            )
+            client.user_private_key = await uacrypto.load_private_key(
+                key_bytes, None, _extension(cfg.user_private_key)
+            )
+        except (ValueError, TypeError, UaError) as err:
+            raise DeviceProtocolError(
+                f"{self._device}: cannot use the user certificate or key: {_describe(err)}"
+            ) from err
 
     async def _learn_data_types(self) -> None:
         """Read every point's DataType once, so writes send the Variant type the server expects."""
@@ -735,6 +822,10 @@ class OpcUaDriver:
             raise DeviceUnavailable(f"{device}: no answer to {what} within {timeout_s:g} s") from err
         except UaStatusCodeError as err:
             status = ua.StatusCode(err.code)
+            if err.code in _IDENTITY_CODES:
+                raise SecurityRefused(
+                    f"{device}: {what} failed: {status.name} ({_IDENTITY_CODES[err.code]})"
+                ) from err
             kind = DeviceUnavailable if err.code in _CONNECTION_CODES else DeviceProtocolError
             raise kind(f"{device}: {what} failed: {status.name}") from err
         except (ConnectionError, OSError) as err:
@@ -745,6 +836,38 @@ class OpcUaDriver:
             raise DeviceProtocolError(f"{device}: {what} failed: {_describe(err)}") from err
         if task is not None and task.cancelling() > cancels:
             raise asyncio.CancelledError
+
+
+class _GuardedClient(Client):
+    """An asyncua client that will not send a password the channel or the token policy leaves readable."""
+
+    def __init__(self, url: str, *, device: DeviceId, allow_plaintext_password: bool, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._device = device
+        self._allow_plaintext_password = allow_plaintext_password
+
+    async def activate_session(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: x509.Certificate | None = None,
+    ) -> ua.ActivateSessionResult:
+        """Check the server's UserName token policy (from CreateSession), then activate."""
+        sends_password = bool(username) and not (
+            certificate is not None and self.user_private_key is not None
+        )
+        if sends_password and password and not self._allow_plaintext_password:
+            token_policy = self.server_policy(ua.UserTokenType.UserName)
+            if not password_is_protected(
+                self.security_policy.Mode, token_policy.SecurityPolicyUri, self.security_policy.URI
+            ):
+                raise SecurityRefused(
+                    f"{self._device}: the password would travel in plain text (channel "
+                    f"{self.security_policy.Mode.name}, user token policy "
+                    f"{token_policy.SecurityPolicyUri or 'none'}); use sign_and_encrypt, or set "
+                    "allow_plaintext_password: true on an isolated network"
+                )
+        return await super().activate_session(username, password, certificate)
 
 
 class _LostConnectionPublishFilter(logging.Filter):
@@ -799,22 +922,6 @@ def _describe(err: BaseException) -> str:
 def _extension(path: Path | None) -> str:
     suffix = path.suffix.lstrip(".").lower() if path is not None else ""
     return suffix if suffix in ("der", "pem") else "pem"
-
-
-def _first_certificate(chain: bytes | None) -> bytes:
-    """Return the server's own certificate (DER) from what the endpoint sent (maybe a chain)."""
-    if not chain:
-        return b""
-    try:
-        return x509.load_der_x509_certificate(chain).public_bytes(Encoding.DER)
-    except ValueError:
-        # A chain is several DER certificates back to back; the first one's length is in its header.
-        length = int.from_bytes(chain[2:4], "big") + 4 if chain[1] == 0x82 else len(chain)
-        return chain[:length]
-
-
-def _thumbprint(der: bytes) -> str:
-    return "sha1:" + hashlib.sha1(der, usedforsecurity=False).hexdigest() if der else "no certificate"
 
 
 def _application_uri(certificate: x509.Certificate) -> str | None:

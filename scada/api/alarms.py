@@ -17,6 +17,7 @@ from aiohttp import web
 from anomaly.alarm_kpi import compute_kpis
 from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmInputError, AlarmStateError
 from anomaly.service import AlarmStore, AnomalyService
+from scada.api.auth import AUTH, principal_of, scope_of
 from scada.api.problem import ApiProblem
 from scada.model import UTC, DecodeError
 
@@ -90,12 +91,15 @@ async def alarms(request: web.Request) -> web.Response:
     show_all = request.query.get("all", "false")
     if show_all not in ("true", "false"):
         raise _invalid("all: true or false")
-    rows = await request.app[ALARM_STORE].statuses(console=console, active_only=show_all == "false")
+    scope = scope_of(request)
+    rows = await request.app[ALARM_STORE].statuses(
+        console=console, active_only=show_all == "false", nodes=sorted(scope) if scope is not None else None
+    )
     return web.json_response({"alarms": [alarm_status_json(r) for r in rows]})
 
 
 async def alarm_events(request: web.Request) -> web.Response:
-    """Return alarm state transitions of a time span (default: the last 24 h), oldest first."""
+    """Return alarm state transitions of a time span (default: the last 24 h), oldest first, paged."""
     start, end = _span(request.query, timedelta(days=1))
     raw = request.query.get("limit", "1000")
     try:
@@ -104,16 +108,39 @@ async def alarm_events(request: web.Request) -> web.Response:
         raise _invalid(f"limit: not an integer: {raw!r}") from None
     if not 1 <= limit <= MAX_EVENTS:
         raise _invalid(f"limit: must be within [1, {MAX_EVENTS}]")
+    after = _cursor(request.query.get("cursor"))
+    scope = scope_of(request)
     rows = await request.app[ALARM_STORE].events(
         alarm=request.query.get("alarm") or None,
         console=request.query.get("console") or None,
         start=start,
         end=end,
         limit=limit,
+        nodes=sorted(scope) if scope is not None else None,
+        after=after,
+    )
+    next_cursor = (
+        f"{rows[-1]['at'].astimezone(UTC).isoformat()}|{rows[-1]['seq']}" if len(rows) == limit else None
     )
     return web.json_response(
-        {"events": [{**json.loads(r["event"]), "extra": json.loads(r["extra"])} for r in rows]}
+        {
+            "events": [{**json.loads(r["event"]), "extra": json.loads(r["extra"])} for r in rows],
+            "next_cursor": next_cursor,
+        }
     )
+
+
+def _cursor(raw: str | None) -> tuple[datetime, int] | None:
+    if not raw:
+        return None
+    at, _, seq = raw.rpartition("|")
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or not seq.isdigit() or len(seq) > 18:
+        raise _invalid("cursor: the next_cursor of the previous page")
+    return when, int(seq)
 
 
 async def alarm_kpis(request: web.Request) -> web.Response:
@@ -172,6 +199,17 @@ async def _act(
         raise ApiProblem(409, "Conflict", str(err), slug="alarm-state") from err
     except AlarmInputError as err:
         raise _invalid(str(err)) from err
+    auth = request.app.get(AUTH)
+    if auth is not None:
+        principal = principal_of(request)
+        for event in events:
+            await auth.audit.append(
+                actor=principal.subject,
+                action=f"alarm.{event.cause.value}",
+                target=f"alarm:{event.alarm_id}",
+                tenant=principal.tenant,
+                detail={"from": event.from_state.value, "to": event.to_state.value, "comment": event.comment},
+            )
     return web.json_response({"events": [e.to_dict() for e in events]})
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore, Quota
 from control_engine.forecast import month_bounds, month_key
 from control_engine.quota import Basis, QuotaStatus
+from scada.api.auth import AUTH, default_node, principal_of, scope_of
 from scada.api.problem import ApiProblem
 from scada.api.routes import CATALOG
 from scada.model import UTC, NodeId
@@ -46,6 +47,17 @@ def add_carbon_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/ledger/restatements", restatements)
 
 
+async def _audit(request: web.Request, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Record a configuration change in the audit log (when the app authenticates)."""
+    auth = request.app.get(AUTH)
+    if auth is None:
+        return
+    principal = principal_of(request)
+    await auth.audit.append(
+        actor=principal.subject, action=action, target=target, tenant=principal.tenant, detail=detail
+    )
+
+
 def _invalid(detail: str) -> ApiProblem:
     return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
 
@@ -53,6 +65,8 @@ def _invalid(detail: str) -> ApiProblem:
 def _node(request: web.Request, raw: str | None) -> NodeId:
     catalog = request.app[CATALOG]
     if raw is None:
+        if scope_of(request) is not None:
+            return NodeId(default_node(request))  # the top of what the caller sees
         return NodeId(catalog.site.hierarchy[0].id)
     if not any(node.id == raw for node, _parent in catalog.site.iter_nodes()):
         raise ApiProblem(404, "Not found", f"no node {raw!r}", slug="not-found")
@@ -182,8 +196,11 @@ async def quotas(request: web.Request) -> web.Response:
     month = _month(request.query["month"], zone) if "month" in request.query else None
     node = _node(request, request.query["node"]) if "node" in request.query else None
     found = await request.app[CARBON_STORE].quotas(month=month, node=node)
+    scope = scope_of(request)
     out = []
     for q in found:
+        if scope is not None and q.node not in scope:
+            continue
         forecast = await request.app[CARBON_QUERIES].forecasts(q.month, q.node)
         out.append(_quota_json(q, forecast[0] if forecast else None))
     return web.json_response({"quotas": out})
@@ -231,6 +248,12 @@ async def put_quota(request: web.Request) -> web.Response:
         raise _invalid("quota_t or price_cny_per_t: implausibly large")
     saved = Quota(node, month, float(quota_t), float(price))
     created = await request.app[CARBON_STORE].put_quota(saved)
+    await _audit(
+        request,
+        "quota.put",
+        f"quota:{node}:{month}",
+        {"quota_t": saved.quota_t, "price_cny_per_t": saved.price_cny_per_t, "created": created},
+    )
     return web.json_response(_quota_json(saved, None), status=201 if created else 200)
 
 
@@ -241,6 +264,7 @@ async def delete_quota(request: web.Request) -> web.Response:
     month = _month(request.match_info["month"], zone)
     if not await request.app[CARBON_STORE].delete_quota(node, month):
         raise ApiProblem(404, "Not found", f"no quota for {node} in {month}", slug="not-found")
+    await _audit(request, "quota.delete", f"quota:{node}:{month}", {})
     return web.Response(status=204)
 
 
@@ -249,7 +273,12 @@ async def forecasts(request: web.Request) -> web.Response:
     zone = ZoneInfo(request.app[CATALOG].site.site.timezone)
     month = _month(request.query.get("month"), zone)
     node = _node(request, request.query["node"]) if "node" in request.query else None
-    rows = await request.app[CARBON_QUERIES].forecasts(month, node)
+    scope = scope_of(request)
+    rows = [
+        r
+        for r in await request.app[CARBON_QUERIES].forecasts(month, node)
+        if scope is None or r["node_id"] in scope
+    ]
     if node is not None and not rows:
         raise ApiProblem(404, "Not found", f"no forecast for {node} in {month} yet", slug="not-found")
     return web.json_response(

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from scada.model import ConfigError, NotFound, ServiceError
@@ -30,11 +31,21 @@ class ApiProblem(Exception):
     """An error the client should see: an HTTP status, a short title and a specific detail."""
 
     def __init__(
-        self, status: int, title: str, detail: str, *, slug: str | None = None, **extra: Any
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        slug: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
         self.slug = slug or title.lower().replace(" ", "-")
+        self.headers: dict[str, str] = dict(headers or {})
+        if "retry_after" in extra:
+            self.headers["Retry-After"] = str(extra["retry_after"])
         self.extra = extra
 
 
@@ -53,7 +64,7 @@ def problem_response(problem: ApiProblem, *, instance: str, request_id: str) -> 
         body,
         status=problem.status,
         content_type="application/problem+json",
-        headers={"X-Request-Id": request_id},
+        headers={**problem.headers, "X-Request-Id": request_id},
     )
 
 
@@ -86,6 +97,8 @@ def _problem_for(err: Exception, request: web.Request, request_id: str) -> ApiPr
             return ApiProblem(404, "Not found", str(err))
         case ConfigError():
             return ApiProblem(400, "Invalid request", str(err))
+        case asyncpg.DataError():  # SQLSTATE class 22: a value the database refuses (a NUL in a text...)
+            return ApiProblem(400, "Invalid request", f"a value cannot be stored or compared: {err}")
         case ServiceError() | TimeoutError():
             _LOGGER.warning("request %s: service unavailable: %r", request_id, err)
             return ApiProblem(503, "Service unavailable", str(err) or "a backing service timed out")

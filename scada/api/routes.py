@@ -23,11 +23,13 @@ from redis.exceptions import RedisError
 from control_engine.factors import FactorLibrary
 from scada import __version__
 from scada.api.alarms import ALARM_STORE, alarm_status_json
+from scada.api.auth import scope_of
 from scada.api.metrics import metrics
+from scada.api.openapi import docs_page, openapi_json
 from scada.api.problem import ApiProblem
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
-from scada.model import UTC, Carrier, DeviceId, PointId, Reading, ReadingStore, ServiceError
+from scada.model import UTC, Carrier, DeviceId, NotFound, PointId, Reading, ReadingStore, ServiceError
 from streams.bus import read_deadletter
 from streams.live import AlarmFrame, LiveHub, Subscription
 from streams.query import DownsampleMode
@@ -94,6 +96,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/emission-factors", emission_factors)
     app.router.add_get("/api/v1/emission-factors/{factor_id}", emission_factor)
     app.router.add_get("/api/v1/ws", websocket)
+    app.router.add_get("/api/v1/openapi.json", openapi_json)
+    app.router.add_get("/api/v1/docs", docs_page)
     app.router.add_get("/metrics", metrics)
 
 
@@ -147,23 +151,47 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def site(request: web.Request) -> web.Response:
-    """Return the site and its hierarchy tree."""
+    """Return the site and the parts of its hierarchy tree the caller may see."""
     cfg = request.app[CATALOG].site
+    scope = scope_of(request)
     return web.json_response(
         {
             "id": cfg.site.id,
             "name": cfg.site.name,
             "timezone": cfg.site.timezone,
-            "hierarchy": [_node_json(n) for n in cfg.hierarchy],
+            "hierarchy": [tree for n in cfg.hierarchy for tree in _visible_tree(n, scope)],
         }
     )
 
 
+def _visible_tree(node: NodeConfig, scope: set[str] | None) -> list[dict[str, Any]]:
+    """Return the node's JSON if visible, else the visible subtrees below it."""
+    if scope is None or node.id in scope:
+        return [_node_json(node)]
+    return [tree for child in node.children for tree in _visible_tree(child, scope)]
+
+
+def _page(request: web.Request, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return one page of ``items`` (``limit``, default 100, at most 1000; ``cursor`` from the last page)."""
+    limit = _parse_int(request.query, "limit", default=100, low=1, high=1000)
+    raw = request.query.get("cursor", "0")
+    if not raw.isdigit() or len(raw) > 9:
+        raise ApiProblem(
+            400, "Invalid request", "cursor: the next_cursor of the previous page", slug="invalid-request"
+        )
+    start = int(raw)
+    page = items[start : start + limit]
+    return {"items": page, "next_cursor": str(start + limit) if start + limit < len(items) else None}
+
+
 async def devices(request: web.Request) -> web.Response:
-    """Every device with its place in the hierarchy and its last known availability."""
+    """Every device the caller may see, with its place in the hierarchy and its availability."""
     catalog, hub = request.app[CATALOG], request.app[HUB]
+    scope = scope_of(request)
     items = []
     for device in catalog.site.devices:
+        if scope is not None and device.node not in scope:
+            continue
         event = hub.availability.get(DeviceId(device.id))
         items.append(
             {
@@ -180,17 +208,24 @@ async def devices(request: web.Request) -> web.Response:
                 "points": [device.point_id(p.key) for p in device.points],
             }
         )
-    return web.json_response({"items": items})
+    return web.json_response(_page(request, items))
 
 
 async def points(request: web.Request) -> web.Response:
-    """Every point, optionally only those of one device (``?device=``)."""
+    """Every point the caller may see, optionally only those of one device (``?device=``)."""
     catalog = request.app[CATALOG]
+    scope = scope_of(request)
     device = request.query.get("device")
     if device is not None:
-        catalog.device(device)  # 404 for an unknown device rather than an empty list
-    items = [_point_json(e) for e in catalog.points() if device is None or e.device.id == device]
-    return web.json_response({"items": items})
+        node = catalog.device(device).node  # 404 for an unknown device rather than an empty list
+        if scope is not None and node not in scope:
+            raise NotFound(f"no device {device!r} in site {catalog.site.site.id!r}")
+    items = [
+        _point_json(e)
+        for e in catalog.points()
+        if (device is None or e.device.id == device) and (scope is None or e.device.node in scope)
+    ]
+    return web.json_response(_page(request, items))
 
 
 async def point(request: web.Request) -> web.Response:
@@ -459,12 +494,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     """Push new readings of the points a client subscribes to (snapshot first, then deltas)."""
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=1 << 20)
     await ws.prepare(request)
+    scope = scope_of(request)  # the caller's nodes: what its subscriptions may reach
     with request.app[HUB].subscribe() as sub:
         sender = asyncio.create_task(_send_frames(ws, sub), name="ws-sender")
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
-                    await _handle_client_message(ws, sub, request.app, msg.data)
+                    await _handle_client_message(ws, sub, request.app, msg.data, scope)
                 elif msg.type is WSMsgType.ERROR:
                     _LOGGER.debug("websocket closed with error: %s", ws.exception())
         finally:
@@ -475,7 +511,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _handle_client_message(
-    ws: web.WebSocketResponse, sub: Subscription, app: web.Application, data: str
+    ws: web.WebSocketResponse, sub: Subscription, app: web.Application, data: str, scope: set[str] | None
 ) -> None:
     try:
         message = json.loads(data)
@@ -486,9 +522,9 @@ async def _handle_client_message(
     if kind == "ping":
         await ws.send_json({"type": "pong"})
     elif kind in ("subscribe_alarms", "unsubscribe_alarms"):
-        await _alarm_subscription(ws, sub, kind, message, request_app=app)
+        await _alarm_subscription(ws, sub, kind, message, request_app=app, scope=scope)
     elif kind in ("subscribe", "unsubscribe"):
-        await _point_subscription(ws, sub, kind, message, hub=app[HUB], catalog=app[CATALOG])
+        await _point_subscription(ws, sub, kind, message, hub=app[HUB], catalog=app[CATALOG], scope=scope)
     else:
         await ws.send_json({"type": "error", "detail": f"unknown message type {kind!r}"})
 
@@ -501,14 +537,19 @@ async def _point_subscription(
     *,
     hub: LiveHub,
     catalog: SiteCatalog,
+    scope: set[str] | None,
 ) -> None:
     """Follow (or stop following) points: a snapshot of their latest values, then new readings."""
     requested = message.get("points")
     if not isinstance(requested, list) or not all(isinstance(p, str) for p in requested):
         await ws.send_json({"type": "error", "detail": "'points' must be a list of point ids"})
         return
-    unknown = [p for p in requested if not catalog.has_point(p)]
-    known = [PointId(p) for p in requested if catalog.has_point(p)]
+
+    def allowed(point_id: str) -> bool:
+        return catalog.has_point(point_id) and (scope is None or catalog.point(point_id).device.node in scope)
+
+    unknown = [p for p in requested if not allowed(p)]
+    known = [PointId(p) for p in requested if allowed(p)]
     if kind == "unsubscribe":
         sub.points.difference_update(known)
         await ws.send_json({"type": "unsubscribed", "points": known})
@@ -530,6 +571,7 @@ async def _alarm_subscription(
     message: Mapping[str, Any],
     *,
     request_app: web.Application,
+    scope: set[str] | None,
 ) -> None:
     """Follow (or stop following) the alarms of some consoles, or of all without ``consoles``."""
     if kind == "unsubscribe_alarms":
@@ -541,6 +583,7 @@ async def _alarm_subscription(
         await ws.send_json({"type": "error", "detail": "'consoles' must be a list of console ids"})
         return
     sub.alarm_consoles = set(consoles)
+    sub.alarm_nodes = scope
     await ws.send_json({"type": "subscribed_alarms", "consoles": sorted(consoles)})
     store = request_app.get(ALARM_STORE)
     current: list[dict[str, Any]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -91,11 +92,19 @@ async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
             assert "postgresql: embedded, redis: embedded, mqtt: embedded" in text
             assert any("postgres" in p for p in _processes_using(data_dir))  # the check below can see it
 
+        # The demo prints a first login: the bootstrap admin with a password kept in the data dir.
+        login = json.loads(text.split("/api/v1/auth/login ", 1)[1].splitlines()[0])
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            url = f"http://127.0.0.1:{http_port}/api/v1/points/meter.active_power_kw/latest"
+            base = f"http://127.0.0.1:{http_port}/api/v1"
+            async with http.post(f"{base}/auth/login", json=login) as response:
+                assert response.status == 200, await response.text()
+                token = (await response.json())["access_token"]
+            async with http.get(f"{base}/points/meter.active_power_kw/latest") as response:
+                assert response.status == 401  # nothing without a token
+            url = f"{base}/points/meter.active_power_kw/latest"
             async with asyncio.timeout(30):
                 while True:
-                    async with http.get(url) as response:
+                    async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
                         if response.status == 200:
                             body = await response.json()
                             break

@@ -24,8 +24,11 @@ from typing import Final
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
+from _auth_helpers import TEST_SECRET_KEY, admin_headers
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from scada.config import load_site
 
 SCADA: Final = str(Path(sys.executable).with_name("scada"))
 PG_BIN: Final = Path(os.environ.get("SCADA_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -240,8 +243,15 @@ class ScadaProcess:
     """``scada run`` as a real process; its output goes to a file so nothing blocks on a full pipe."""
 
     def __init__(self, site: Path, env: Mapping[str, str], roles: list[str], log: Path) -> None:
-        self.site, self.env, self.roles, self.log = site, env, roles, log
+        self.site, self.env, self.roles, self.log = (
+            site,
+            {"SCADA_SECRET_KEY": TEST_SECRET_KEY, **env},
+            roles,
+            log,
+        )
         self.http_port = int(env["SCADA_HTTP_PORT"])
+        self.headers = admin_headers(load_site(site))
+        """An admin of the whole site: the API needs a caller (docs/security.md)."""
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -311,7 +321,7 @@ class ScadaProcess:
         """GET an API path of this process and return its JSON body."""
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
-            http.get(f"http://127.0.0.1:{self.http_port}{path}") as response,
+            http.get(f"http://127.0.0.1:{self.http_port}{path}", headers=self.headers) as response,
         ):
             assert response.status == 200, await response.text()
             return await response.json()
@@ -320,7 +330,7 @@ class ScadaProcess:
         """GET an API path of this process and return its body."""
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
-            http.get(f"http://127.0.0.1:{self.http_port}{path}") as response,
+            http.get(f"http://127.0.0.1:{self.http_port}{path}", headers=self.headers) as response,
         ):
             assert response.status == 200, await response.text()
             return await response.text()

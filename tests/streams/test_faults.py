@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from _auth_helpers import TEST_SECRET_KEY, admin_headers
 from _fault_helpers import (
     PrivatePostgres,
     PrivateRedis,
@@ -316,10 +317,10 @@ async def test_metrics_exposition_and_redis_down(
     aiohttp_client: Callable[[web.Application], Any],
 ) -> None:
     site = parse_site(site_text(unused_tcp_port_factory()))
-    settings = Settings(stream_prefix=PREFIX)
+    settings = Settings(stream_prefix=PREFIX, secret_key=TEST_SECRET_KEY)
     endpoints = Endpoints(db_url=pg_url, redis_url=private_redis.url, mqtt_url=mqtt_url, origins={})
     client: TestClient[web.Request, web.Application] = await aiohttp_client(
-        create_app(site, settings, endpoints)
+        create_app(site, settings, endpoints), headers=admin_headers(site)
     )
 
     async def scraped() -> tuple[dict[str, str], list[tuple[str, dict[str, str], float]]]:
