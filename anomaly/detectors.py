@@ -20,6 +20,9 @@ Kinds (``build_detector({"kind": ..., ...})``):
                     Python; 72 on the NAB subset in docs/anomaly-detection.md
 ``forecast``        residual of a river SNARIMAX or HoltWinters one-step forecast against an
                     adaptive (exponentially weighted) residual spread
+``profile``         time-of-day profile per kind of day (workday, Saturday, Sunday): deviation from
+                    the slot's learned baseline in its learned spread, plus a frozen-value check;
+                    for energy loads with shifts (:mod:`anomaly.profile`)
 ``hst``             river HalfSpaceTrees on engineered features (value, step, deviation from an
                     exponentially weighted mean), min-max scaled
 ``robust_z``        distance from the rolling median in rolling MADs
@@ -46,6 +49,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from .profile import (
+    ProfileDetector,
+    validate_shift_tolerance_s,
+    validate_slot_s,
+    validate_timezone,
+    validate_weekday_profiles,
+)
 from .scoring import AnomalyLikelihood, ExcessEnergy
 
 __all__ = [
@@ -1117,6 +1127,23 @@ _KINDS: dict[str, tuple[Callable[..., Detector], dict[str, _Validator]]] = {
             "warmup": _pos_int,
         },
     ),
+    "profile": (
+        ProfileDetector,
+        {
+            "slot_s": validate_slot_s,
+            "timezone": validate_timezone,
+            "weekday_profiles": validate_weekday_profiles,
+            "alpha": _unit_float,
+            "warmup_days": _pos_int,
+            "z_limit": _pos_float,
+            "min_rel_spread": _nonneg_float,
+            "min_spread": _pos_float,
+            "shift_tolerance_s": validate_shift_tolerance_s,
+            "relearn_after_days": _pos_int,
+            "stuck_s": _pos_float,
+            "stuck_tolerance": _nonneg_float,
+        },
+    ),
     "hst": (
         HalfSpaceTreesDetector,
         {
@@ -1148,6 +1175,7 @@ DETECTOR_KINDS: tuple[str, ...] = tuple(_KINDS)
 _STATE_CLASSES: dict[str, Any] = {
     "ensemble": EnsembleDetector,
     "forecast": ForecastResidual,
+    "profile": ProfileDetector,
     "hst": HalfSpaceTreesDetector,
     "robust_z": RobustZScore,
     "limits": LimitCheck,

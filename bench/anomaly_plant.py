@@ -15,9 +15,9 @@ every step's reported value:
 
 - the detector under test: ``build_detector({"kind": "ensemble"})`` unless ``--detector`` gives a
   spec (``--threshold`` overrides its threshold);
-- alternatives, unless ``--no-alternatives``: ``robust_z`` and ``forecast`` (Holt-Winters, level
-  only) with their default settings; river's SNARIMAX (the ``forecast`` default) costs about
-  0.8 ms a row and would not fit the time budget;
+- alternatives, unless ``--no-alternatives``: ``robust_z``, ``forecast`` (Holt-Winters, level
+  only) and ``profile`` (time of day) with their default settings; river's SNARIMAX (the
+  ``forecast`` default) costs about 0.8 ms a row and would not fit the time budget;
 - the reference, measured in the same run: a plain rolling z-score (mean and standard deviation of
   the previous 60 rows, active when ``|z| >= 4``, learning every row), through the same monitor.
 
@@ -105,6 +105,7 @@ DEFAULT_SPEC: dict[str, Any] = {"kind": "ensemble"}
 ALTERNATIVES: dict[str, dict[str, Any]] = {
     "robust_z": {"kind": "robust_z"},
     "forecast_hw": {"kind": "forecast", "model": "holt_winters"},
+    "profile": {"kind": "profile"},
 }
 REFERENCE_NAME = "zscore_ref"
 
@@ -571,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--relearn-after-s", type=float, default=3600.0,
         help="PointMonitor relearn_after_s of every monitor (default 3600; 'inf': never)",
     )  # fmt: skip
-    parser.add_argument("--no-alternatives", action="store_true", help="skip robust_z and forecast")
+    parser.add_argument("--no-alternatives", action="store_true", help="skip robust_z, forecast and profile")
     args = parser.parse_args(argv)
     if not args.days > args.warmup_days >= 0:
         parser.error("--days must be larger than --warmup-days >= 0")

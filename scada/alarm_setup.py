@@ -8,7 +8,9 @@ device hangs above enterprise level.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from anomaly.alarms import AlarmDefinition, AlarmPriority, ConditionKind, DeadbandUnit
 from anomaly.detectors import DetectorSpec, PointMonitor
@@ -112,9 +114,7 @@ def monitored_points(site: SiteConfig, factors: FactorLibrary) -> list[Monitored
                 MonitoredPoint(
                     point=point_id,
                     alarm_id=f"{point_id}{ANOMALY_SUFFIX}",
-                    monitor=PointMonitor(
-                        DetectorSpec.from_mapping(point.anomaly.detector).build(), power_kw=power_kw
-                    ),
+                    monitor=PointMonitor(_spec(point.anomaly.detector, site).build(), power_kw=power_kw),
                     kg_per_kwh=_GridFactor(factors, region) if electric else None,
                 )
             )
@@ -134,6 +134,14 @@ class _GridFactor:
         if value is None:
             value = self._cache[day] = self._factors.in_force(Carrier.ELECTRICITY, at, self._region).value
         return value
+
+
+def _spec(raw: Mapping[str, Any], site: SiteConfig) -> DetectorSpec:
+    """Return the detector spec, a time-of-day ``profile`` on the site's time zone unless it names one."""
+    spec = dict(raw)
+    if spec.get("kind") == "profile":
+        spec.setdefault("timezone", site.site.timezone)
+    return DetectorSpec.from_mapping(spec)
 
 
 def _name(device: DeviceConfig) -> str:

@@ -38,3 +38,6 @@ if ! port_open 1883; then
   mosquitto -d -c /etc/mosquitto/mosquitto.conf
   wait_port 1883 Mosquitto
 fi
+
+# The browser tests drive Debian's Chromium through the PyPI playwright package (no downloads).
+[ -x /usr/bin/chromium ] || apt_install chromium

@@ -152,6 +152,7 @@ ALL_SPECS: list[dict[str, Any]] = [
     },
     {"kind": "hst", "window_size": 100, "seed": 1},
     {"kind": "robust_z", "window": 200},
+    {"kind": "profile", "slot_s": 600, "timezone": "UTC", "weekday_profiles": [0, 0, 0, 0, 0, 0, 0]},
     {"kind": "limits", "h": 115.0, "hh": 125.0},
     {"kind": "rate_of_change", "max_rate_per_s": 0.1},
     {"kind": "flatline", "stuck_s": 300.0},
