@@ -42,6 +42,7 @@ from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.auth import AUTH, AuthContext, add_auth_routes, auth_middleware
 from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
+from scada.api.commands import COMMANDS, CommandChannel, add_command_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
 from scada.api.routes import (
@@ -164,6 +165,7 @@ def create_app(
     add_carbon_routes(app)
     add_alarm_routes(app)
     add_auth_routes(app)
+    add_command_routes(app)
     return app
 
 
@@ -267,6 +269,12 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         app[DEADLETTER] = DeadLetterView(
             client, stream_key(settings.stream_prefix, StreamName.DEADLETTER), settings.service_timeout_s
         )
+        app[COMMANDS] = CommandChannel(
+            client,
+            commands_key=stream_key(settings.stream_prefix, StreamName.COMMANDS),
+            results_key=stream_key(settings.stream_prefix, StreamName.COMMAND_RESULTS),
+            timeout_s=settings.service_timeout_s,
+        )
         yield
     finally:
         await client.aclose()
@@ -290,6 +298,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                     readings_key=readings_key,
                     events_key=events_key,
                     alarms_key=stream_key(prefix, StreamName.ALARMS),
+                    results_key=stream_key(prefix, StreamName.COMMAND_RESULTS),
                 ),
                 name="live-feed",
             )

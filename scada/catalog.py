@@ -154,6 +154,7 @@ class SiteCatalog:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
         self._devices = {DeviceId(d.id): d for d in site.devices}
+        self._nodes = frozenset(node.id for node, _parent in site.iter_nodes())
         self._points = {
             make_point_id(d.id, p.key): PointEntry(make_point_id(d.id, p.key), d, p)
             for d in site.devices
@@ -173,6 +174,10 @@ class SiteCatalog:
         if device is None:
             raise NotFound(f"no device {device_id!r} in site {self.site.site.id!r}")
         return device
+
+    def has_node(self, node_id: str) -> bool:
+        """Return True if the site's hierarchy has this node (a set lookup)."""
+        return node_id in self._nodes
 
     def has_point(self, point_id: str) -> bool:
         """Return True if the site has this point."""

@@ -17,8 +17,9 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -346,7 +347,11 @@ async def _serve(
                 )
             runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
             tune_gc_for_server()  # every role is up: freeze what start-up built (docs/sessions.md)
-            _announce(runner, site, endpoints, settings, demo=simulators is not None)
+            cockpit: str | None = None
+            if simulators is not None and settings.cockpit_port and settings.bootstrap_admin:
+                host, port = _bound_address(runner)
+                cockpit = await stack.enter_async_context(_cockpit_process(f"http://{host}:{port}", settings))
+            _announce(runner, site, endpoints, settings, demo=simulators is not None, cockpit=cockpit)
             await stop.wait()
             _LOGGER.info("stopping")
     finally:
@@ -411,8 +416,82 @@ async def _simulator_process(
                 await proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def _cockpit_process(api: str, settings: Settings) -> AsyncIterator[str | None]:
+    """Serve the cockpits for the demo (a kiosk token for the big screen); yield their base URL.
+
+    The cockpits are a convenience of the demo: if they cannot start (the port is taken), the demo
+    goes on without them and says so.
+    """
+    assert settings.bootstrap_admin is not None
+    tenant, username, password = settings.bootstrap_admin.split(":", 2)
+    try:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=settings.service_timeout_s)
+        ) as http:
+            login = {"tenant": tenant, "username": username, "password": password}
+            async with http.post(f"{api}/api/v1/auth/login", json=login) as response:
+                response.raise_for_status()
+                token = (await response.json())["access_token"]
+            root = (await _get_json(http, f"{api}/api/v1/site", token))["hierarchy"][0]["id"]
+            async with http.post(
+                f"{api}/api/v1/kiosk-tokens",
+                json={"name": "demo big screen", "node": root},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                response.raise_for_status()
+                kiosk = (await response.json())["token"]
+    except (aiohttp.ClientError, TimeoutError, KeyError, IndexError) as err:
+        _LOGGER.warning("cockpits not started: no kiosk token: %s", err)
+        yield None
+        return
+    log = await asyncio.to_thread(_open_log, settings.data_dir / "cockpit.log")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cockpit",
+        "--api",
+        api,
+        "--port",
+        str(settings.cockpit_port),
+        env={**os.environ, "CARBONOS_TOKEN": kiosk},
+        stdout=log,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{settings.cockpit_port}"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(SIMULATOR_STOP_TIMEOUT_S):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+def _open_log(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("ab")
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str, token: str) -> Any:
+    async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+        response.raise_for_status()
+        return await response.json()
+
+
 def _announce(
-    runner: web.AppRunner, site: SiteConfig, endpoints: Endpoints, settings: Settings, *, demo: bool
+    runner: web.AppRunner,
+    site: SiteConfig,
+    endpoints: Endpoints,
+    settings: Settings,
+    *,
+    demo: bool,
+    cockpit: str | None = None,
 ) -> None:
     host, port = _bound_address(runner)
     base = f"http://{host}:{port}"
@@ -430,6 +509,9 @@ def _announce(
         f"  services   {', '.join(f'{k}: {v}' for k, v in endpoints.origins.items())}",
         f"  API docs   {base}/api/v1/docs",
     ]
+    if cockpit is not None:
+        lines.append(f"  big screen {cockpit}/bigscreen   (中文; ?lang=en for English)")
+        lines.append(f"  cockpit    {cockpit}/cockpit     (log in as below)")
     if demo and settings.bootstrap_admin:
         tenant, username, password = settings.bootstrap_admin.split(":", 2)
         lines.append(

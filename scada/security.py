@@ -49,6 +49,8 @@ __all__ = [
 ACCESS_TOKEN_TTL_S: Final = 900
 REFRESH_TOKEN_TTL_S: Final = 7 * 86_400
 _KEY_PREFIX: Final = "ck"
+_VERIFIED_CACHE: Final = 50_000
+"""Verified access tokens remembered per process (each ~1 KB)."""
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 low-memory profile defaults of argon2-cffi
 
 
@@ -95,6 +97,7 @@ class NodeTree:
     def __init__(self, parents: Mapping[str, str | None]) -> None:
         self._parents = dict(parents)
         self._chains: dict[str, tuple[str, ...]] = {}
+        self._descendants: dict[str, frozenset[str]] = {}
 
     def __contains__(self, node: object) -> bool:
         return node in self._parents
@@ -115,9 +118,12 @@ class NodeTree:
         """Return the nodes without a parent."""
         return [node for node, parent in self._parents.items() if parent is None]
 
-    def descendants(self, node: str) -> set[str]:
-        """Return the node and everything below it."""
-        return {n for n in self._parents if node in self.chain(n)}
+    def descendants(self, node: str) -> frozenset[str]:
+        """Return the node and everything below it (computed once per node)."""
+        cached = self._descendants.get(node)
+        if cached is None:
+            cached = self._descendants[node] = frozenset(n for n in self._parents if node in self.chain(n))
+        return cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +239,7 @@ class TokenSigner:
         self._key = key
         self._ttl_s = ttl_s
         self._issuer = issuer
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @property
     def ttl_s(self) -> int:
@@ -256,7 +263,25 @@ class TokenSigner:
         return jwt.encode(claims, self._key, algorithm="HS256")
 
     def check(self, token: str) -> Principal:
-        """Return the principal of a valid token; raise :class:`AuthError` otherwise."""
+        """Return the principal of a valid token; raise :class:`AuthError` otherwise.
+
+        A verified token is remembered until it expires (a bounded cache), so the signature is
+        checked once per token rather than once per request.
+        """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+            raise AuthError("access token expired: refresh it")
+        principal, expires = self._decode(token)
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _decode(self, token: str) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -270,13 +295,14 @@ class TokenSigner:
         except jwt.PyJWTError as err:
             raise AuthError(f"invalid access token: {err}") from None
         try:
-            return Principal(
+            principal = Principal(
                 tenant=str(claims["ten"]),
                 subject=str(claims["sub"]),
                 kind=PrincipalKind(claims["knd"]),
                 grants=tuple(Grant(str(node), Role(role)) for node, role in claims["grt"]),
                 tenant_nodes=frozenset(str(n) for n in claims["tnd"]),
             )
+            return principal, float(claims["exp"])
         except (KeyError, ValueError, TypeError) as err:
             raise AuthError(f"invalid access token claims: {err}") from None
 

@@ -76,6 +76,8 @@ class Settings(BaseModel):
     """``SCADA_MQTT_USERNAME``: broker user (or put ``user:password@`` in the URL)."""
     mqtt_password: SecretStr | None = None
     """``SCADA_MQTT_PASSWORD``: broker password."""
+    cockpit_port: Annotated[int, Field(ge=0, le=65535)] = 5006
+    """``SCADA_COCKPIT_PORT``: where ``scada demo`` serves the cockpits (0: no cockpits)."""
     secret_key: str | None = Field(default=None, min_length=32, repr=False)
     """``SCADA_SECRET_KEY``: the key that signs access tokens (at least 32 characters; every API
     process of a deployment needs the same one). Unset: a random key kept in ``SCADA_DATA_DIR``."""

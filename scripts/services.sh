@@ -41,3 +41,5 @@ fi
 
 # The browser tests drive Debian's Chromium through the PyPI playwright package (no downloads).
 [ -x /usr/bin/chromium ] || apt_install chromium
+# Chinese text in the cockpits' pages and screenshots (the browser tests render the zh interface).
+dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || apt_install fonts-wqy-microhei

@@ -157,6 +157,9 @@ POLICIES: dict[tuple[str, str], Policy] = {
     ("GET", "/api/v1/points/{point_id}/latest"): Policy(node=point_node),
     ("GET", "/api/v1/points/{point_id}/history"): Policy(node=point_node),
     ("GET", "/api/v1/points/{point_id}/energy"): Policy(node=point_node),
+    ("POST", "/api/v1/points/{point_id}/commands"): Policy(
+        role=Role.ENGINEER, node=point_node, humans_only=True
+    ),
     ("GET", "/api/v1/nodes/{node_id}/energy"): Policy(node=node_from_path("node_id")),
     ("GET", "/api/v1/deadletter"): Policy(role=Role.ADMIN, system=True),
     ("GET", "/metrics"): Policy(role=Role.ADMIN, system=True),

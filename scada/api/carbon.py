@@ -68,7 +68,7 @@ def _node(request: web.Request, raw: str | None) -> NodeId:
         if scope_of(request) is not None:
             return NodeId(default_node(request))  # the top of what the caller sees
         return NodeId(catalog.site.hierarchy[0].id)
-    if not any(node.id == raw for node, _parent in catalog.site.iter_nodes()):
+    if not catalog.has_node(raw):
         raise ApiProblem(404, "Not found", f"no node {raw!r}", slug="not-found")
     return NodeId(raw)
 

@@ -133,6 +133,7 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
     409: ("Conflict", "The resource's current state does not allow the operation."),
     429: ("TooManyRequests", "Locked out or rate limited; retry after `Retry-After` seconds."),
     503: ("ServiceUnavailable", "A backing service (PostgreSQL, Redis, the analytics role) is unavailable."),
+    504: ("GatewayTimeout", "No device gateway answered in time; the problem carries the command's id."),
 }
 
 
@@ -569,6 +570,31 @@ def _schemas(limits: dict[str, Any]) -> dict[str, Schema]:
                 "priority_pct": {"type": "object", "additionalProperties": NUMBER},
             }
         ),
+        "CommandInput": _obj(
+            {
+                "value": {"type": "number", "description": "engineering value"},
+                "reason": {"type": "string", "pattern": r"\S", "maxLength": 500, "default": "manual command"},
+                "wait_s": {"type": "number", "minimum": 0.5, "maximum": 30, "default": 15},
+            },
+            required=["value"],
+            additionalProperties=False,
+        ),
+        "CommandOutcome": _obj(
+            {
+                "correlation_id": STRING,
+                "point": POINT_ID,
+                "requested": NUMBER,
+                "status": {
+                    "type": "string",
+                    "enum": ["verified", "unverified", "mismatch", "rejected", "timeout", "failed"],
+                },
+                "readback": {"type": ["number", "null"]},
+                "reason": STRING,
+                "elapsed_ms": {"type": ["number", "null"]},
+                "ts": DATE_TIME,
+            },
+            required=["correlation_id", "point", "requested", "status", "reason", "ts"],
+        ),
         "AcknowledgeInput": _obj(
             {
                 "by": {"type": "string", "pattern": r"\S", "description": "who acknowledges"},
@@ -847,6 +873,23 @@ def _paths(limits: dict[str, Any]) -> dict[str, Schema]:
                 problems=(400, 404, 503),
                 parameters=[POINT_PARAM, START_PARAM, END_PARAM, interval],
                 description=f"Counters only (400 for other kinds). Default span: the last day. {energy_note}",
+            )
+        },
+        "/api/v1/points/{point_id}/commands": {
+            "post": _operation(
+                "sendCommand",
+                "commands",
+                "Write a value to a point, verified by read-back",
+                {"200": _json("The gateway's verified outcome.", _ref("CommandOutcome"))},
+                problems=(400, 404, 409, 503, 504),
+                parameters=[POINT_PARAM],
+                request_body=_body(_ref("CommandInput"), "The value and why."),
+                description=(
+                    "The gateway that owns the device writes, waits for the acknowledgement and reads back; "
+                    "409 for a point that is not writable; 504 when no gateway answered within `wait_s`. "
+                    "Audited."
+                ),
+                role="engineer",
             )
         },
         "/api/v1/nodes/{node_id}/energy": {
@@ -1277,29 +1320,40 @@ def _auth_paths() -> dict[str, Schema]:
 
 WEBSOCKET: Final[Schema] = {
     "path": "/api/v1/ws",
+    "protocol": "docs/websocket.md",
     "authentication": "query parameter `token`: an access token, a kiosk token or an API key",
     "client_messages": {
-        "subscribe": {"points": "list of point ids"},
-        "unsubscribe": {"points": "list of point ids"},
+        "subscribe": {
+            "points": "list of point ids",
+            "devices": "list of device ids (their points, and their availability)",
+            "nodes": "list of node ids (the points of every device below)",
+            "topics": "alarms, dispatches, ledger, quota_alert, availability",
+            "consoles": "alarm consoles (with topic alarms; all without it)",
+            "max_rate_hz": "reading flushes per second, 0.2 to 20 (default 4)",
+        },
+        "unsubscribe": {"points": "…", "devices": "…", "nodes": "…", "topics": "…"},
         "subscribe_alarms": {"consoles": "list of console ids (all without it)"},
         "unsubscribe_alarms": {},
         "ping": {},
     },
     "server_messages": {
-        "subscribed": {"points": "ids now followed", "unknown": "ids the site does not have"},
+        "subscribed": {"points": "ids now followed", "unknown": "ids unknown or out of reach"},
         "unsubscribed": {"points": "ids no longer followed"},
-        "snapshot": {"readings": "latest Reading of each newly subscribed point"},
-        "readings": {"readings": "new Readings of subscribed points"},
+        "snapshot": {"readings": "latest Reading of each newly followed point", "availability": "of devices"},
+        "readings": {"readings": "new Readings of followed points, coalesced to max_rate_hz"},
+        "event": {"topic": "dispatches, ledger, quota_alert or availability", "event": "its body"},
         "subscribed_alarms": {"consoles": "consoles followed"},
         "unsubscribed_alarms": {},
         "alarm_snapshot": {"alarms": "AlarmStatus of the followed consoles not in normal state"},
         "alarms": {"events": "AlarmEvents as they happen"},
+        "heartbeat": {"ts": "every 10 s"},
         "dropped": {"frames": "older frames dropped because the client fell behind"},
         "pong": {},
         "error": {"detail": "a message the server could not act on; the connection stays open"},
     },
     "limits": {"queue_frames": 256, "ping_interval_s": 15, "max_points_per_connection": 10_000},
 }
+
 
 DESCRIPTION: Final = """\
 REST API of CarbonOS SCADA: site, devices, points, history, energy, emissions, quotas, forecasts,
@@ -1343,6 +1397,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
             {"name": "energy", "description": "Consumption from counters."},
             {"name": "carbon", "description": "Emission factors, emissions, quotas, forecasts."},
             {"name": "alarms", "description": "Alarm states, events, KPIs and operator actions."},
+            {"name": "commands", "description": "Manual writes to devices, verified by read-back."},
             {"name": "operations", "description": "What the pipeline set aside."},
             {"name": "admin", "description": "Users, API keys, kiosk tokens, audit."},
         ],

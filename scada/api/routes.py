@@ -6,32 +6,27 @@ Handlers receive their collaborators (catalog, store, hub) through typed app key
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from control_engine.factors import FactorLibrary
 from scada import __version__
-from scada.api.alarms import ALARM_STORE, alarm_status_json
 from scada.api.auth import scope_of
 from scada.api.metrics import metrics
 from scada.api.openapi import docs_page, openapi_json
 from scada.api.problem import ApiProblem
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
-from scada.model import UTC, Carrier, DeviceId, NotFound, PointId, Reading, ReadingStore, ServiceError
+from scada.model import UTC, Carrier, DeviceId, NotFound, Reading, ReadingStore, ServiceError
 from streams.bus import read_deadletter
-from streams.live import AlarmFrame, LiveHub, Subscription
+from streams.live import LiveHub
 from streams.query import DownsampleMode
 from streams.store import INTERVALS, PostgresReadingStore
 
@@ -95,6 +90,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/deadletter", deadletter)
     app.router.add_get("/api/v1/emission-factors", emission_factors)
     app.router.add_get("/api/v1/emission-factors/{factor_id}", emission_factor)
+    from scada.api.ws import websocket  # noqa: PLC0415 -- ws.py builds on this module's app keys
+
     app.router.add_get("/api/v1/ws", websocket)
     app.router.add_get("/api/v1/openapi.json", openapi_json)
     app.router.add_get("/api/v1/docs", docs_page)
@@ -322,7 +319,7 @@ async def node_energy(request: web.Request) -> web.Response:
     """Sum the consumption of every counter under a hierarchy node, per interval and unit."""
     catalog = request.app[CATALOG]
     node_id = request.match_info["node_id"]
-    if not any(node.id == node_id for node, _parent in catalog.site.iter_nodes()):
+    if not catalog.has_node(node_id):
         raise ApiProblem(404, "Not found", f"no node {node_id!r}", slug="not-found")
     start, end, interval = _energy_range(request.query)
     raw_carrier = request.query.get("carrier", Carrier.ELECTRICITY.value)
@@ -484,128 +481,3 @@ def _parse_int(query: Mapping[str, str], name: str, *, default: int, low: int, h
             400, "Invalid request", f"{name}: must be within [{low}, {high}]", slug="invalid-request"
         )
     return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Websocket: see docs/api.md for the message protocol.
-
-
-async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """Push new readings of the points a client subscribes to (snapshot first, then deltas)."""
-    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=1 << 20)
-    await ws.prepare(request)
-    scope = scope_of(request)  # the caller's nodes: what its subscriptions may reach
-    with request.app[HUB].subscribe() as sub:
-        sender = asyncio.create_task(_send_frames(ws, sub), name="ws-sender")
-        try:
-            async for msg in ws:
-                if msg.type is WSMsgType.TEXT:
-                    await _handle_client_message(ws, sub, request.app, msg.data, scope)
-                elif msg.type is WSMsgType.ERROR:
-                    _LOGGER.debug("websocket closed with error: %s", ws.exception())
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-    return ws
-
-
-async def _handle_client_message(
-    ws: web.WebSocketResponse, sub: Subscription, app: web.Application, data: str, scope: set[str] | None
-) -> None:
-    try:
-        message = json.loads(data)
-        kind = message["type"]
-    except (ValueError, KeyError, TypeError):
-        await ws.send_json({"type": "error", "detail": "expected a JSON object with a 'type'"})
-        return
-    if kind == "ping":
-        await ws.send_json({"type": "pong"})
-    elif kind in ("subscribe_alarms", "unsubscribe_alarms"):
-        await _alarm_subscription(ws, sub, kind, message, request_app=app, scope=scope)
-    elif kind in ("subscribe", "unsubscribe"):
-        await _point_subscription(ws, sub, kind, message, hub=app[HUB], catalog=app[CATALOG], scope=scope)
-    else:
-        await ws.send_json({"type": "error", "detail": f"unknown message type {kind!r}"})
-
-
-async def _point_subscription(
-    ws: web.WebSocketResponse,
-    sub: Subscription,
-    kind: str,
-    message: Mapping[str, Any],
-    *,
-    hub: LiveHub,
-    catalog: SiteCatalog,
-    scope: set[str] | None,
-) -> None:
-    """Follow (or stop following) points: a snapshot of their latest values, then new readings."""
-    requested = message.get("points")
-    if not isinstance(requested, list) or not all(isinstance(p, str) for p in requested):
-        await ws.send_json({"type": "error", "detail": "'points' must be a list of point ids"})
-        return
-
-    def allowed(point_id: str) -> bool:
-        return catalog.has_point(point_id) and (scope is None or catalog.point(point_id).device.node in scope)
-
-    unknown = [p for p in requested if not allowed(p)]
-    known = [PointId(p) for p in requested if allowed(p)]
-    if kind == "unsubscribe":
-        sub.points.difference_update(known)
-        await ws.send_json({"type": "unsubscribed", "points": known})
-        return
-    if len(sub.points | set(known)) > WS_MAX_POINTS_PER_CLIENT:
-        await ws.send_json(
-            {"type": "error", "detail": f"at most {WS_MAX_POINTS_PER_CLIENT} points per connection"}
-        )
-        return
-    sub.points.update(known)
-    await ws.send_json({"type": "subscribed", "points": known, "unknown": unknown})
-    await ws.send_json({"type": "snapshot", "readings": [reading_json(r) for r in hub.snapshot(known)]})
-
-
-async def _alarm_subscription(
-    ws: web.WebSocketResponse,
-    sub: Subscription,
-    kind: str,
-    message: Mapping[str, Any],
-    *,
-    request_app: web.Application,
-    scope: set[str] | None,
-) -> None:
-    """Follow (or stop following) the alarms of some consoles, or of all without ``consoles``."""
-    if kind == "unsubscribe_alarms":
-        sub.alarm_consoles = None
-        await ws.send_json({"type": "unsubscribed_alarms"})
-        return
-    consoles = message.get("consoles", [])
-    if not isinstance(consoles, list) or not all(isinstance(c, str) for c in consoles):
-        await ws.send_json({"type": "error", "detail": "'consoles' must be a list of console ids"})
-        return
-    sub.alarm_consoles = set(consoles)
-    sub.alarm_nodes = scope
-    await ws.send_json({"type": "subscribed_alarms", "consoles": sorted(consoles)})
-    store = request_app.get(ALARM_STORE)
-    current: list[dict[str, Any]] = []
-    if store is not None:
-        try:
-            rows = await store.statuses(console=None, active_only=True)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as err:
-            await ws.send_json({"type": "error", "detail": f"alarm snapshot unavailable: {err}"})
-            return
-        current = [
-            a for a in (alarm_status_json(r) for r in rows) if not consoles or a["console"] in consoles
-        ]
-    await ws.send_json({"type": "alarm_snapshot", "alarms": current})
-
-
-async def _send_frames(ws: web.WebSocketResponse, sub: Subscription) -> None:
-    while not ws.closed:
-        frame = await sub.queue.get()
-        if sub.dropped_frames:
-            await ws.send_json({"type": "dropped", "frames": sub.dropped_frames})
-            sub.dropped_frames = 0
-        if isinstance(frame, AlarmFrame):
-            await ws.send_json({"type": "alarms", "events": frame.events})
-        else:
-            await ws.send_json({"type": "readings", "readings": [reading_json(r) for r in frame]})

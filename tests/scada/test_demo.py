@@ -57,9 +57,11 @@ async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
     site = data_dir / "site.yaml"
     site.write_text(SITE.format(port=unused_tcp_port_factory()), encoding="utf-8")
     http_port = unused_tcp_port_factory()
+    cockpit_port = unused_tcp_port_factory()
     env = {
         **os.environ,
         "SCADA_HTTP_PORT": str(http_port),
+        "SCADA_COCKPIT_PORT": str(cockpit_port),
         "SCADA_DATA_DIR": str(data_dir / "data"),
         "SCADA_STREAM_PREFIX": stream_prefix,
     }
@@ -86,6 +88,7 @@ async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
                 output.append(line)
         text = "".join(output)
         assert f"http://127.0.0.1:{http_port}/api/v1/points/meter.active_power_kw/latest" in text
+        assert f"http://127.0.0.1:{cockpit_port}/bigscreen" in text
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the demo runs its simulators (and embedded services) in child processes"
         if services == "embedded":
@@ -110,6 +113,16 @@ async def test_demo_serves_live_data_and_stops_cleanly_on_sigint(
                             break
                     await asyncio.sleep(0.2)
         assert body["quality"] == "good"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with asyncio.timeout(30):
+                while True:  # the demo's cockpit process serves the big screen
+                    try:
+                        async with http.get(f"http://127.0.0.1:{cockpit_port}/bigscreen") as page:
+                            if page.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.5)
         assert 60 < body["value"] < 90
 
         proc.send_signal(signal.SIGINT)

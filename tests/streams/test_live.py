@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -37,8 +38,8 @@ def test_subscribers_get_only_their_points() -> None:
         a.points.add(P1)
         b.points.update({P1, P2})
         hub.publish([reading(P1, 1.0), reading(P2, 2.0)])
-        assert [r.point for r in a.queue.get_nowait()] == [P1]
-        assert [r.point for r in b.queue.get_nowait()] == [P1, P2]
+        assert list(a.pending) == [P1]  # readings wait, coalesced, for the client's next flush
+        assert list(b.pending) == [P1, P2]
     assert hub.subscriber_count == 0
 
 
@@ -46,11 +47,14 @@ def test_a_slow_client_drops_its_oldest_frames_and_counts_them() -> None:
     hub = LiveHub(frames_per_client=3)
     with hub.subscribe() as slow:
         slow.points.add(P1)
+        slow.alarm_consoles = set()
         for i in range(10):
             hub.publish([reading(P1, float(i), i)])
+            hub.publish_alarms([{"alarm_id": f"a{i}", "console": "e"}])
         assert slow.dropped_frames == 7
-        values = [slow.queue.get_nowait()[0].value for _ in range(3)]
-        assert values == [7.0, 8.0, 9.0]  # latest wins
+        ids = [cast(AlarmFrame, slow.queue.get_nowait()).events[0]["alarm_id"] for _ in range(3)]
+        assert ids == ["a7", "a8", "a9"]  # latest wins
+        assert [r[2] for r in slow.pending.values()] == [9.0]  # readings coalesce: only the newest waits
 
 
 def test_availability_keeps_the_newest_event() -> None:

@@ -1,0 +1,143 @@
+"""Manual commands over REST: write a value to a point, verified by read-back, and audited.
+
+``POST /api/v1/points/{point_id}/commands {"value", "reason", "wait_s"}`` needs the engineer role on
+the point's node.
+The server checks that the point exists, is writable and that the value is a finite number, then puts
+the command on the ``commands`` stream; the gateway that owns the device writes it, waits for the
+acknowledgement and reads it back (docs/sessions.md), and its result comes back here. The answer is
+that result (``verified``, ``mismatch``, ``rejected``, ``timeout``, ``failed``) or 504 if no gateway
+answered in time. Every command and its outcome go to the audit log.
+
+Commands of the carbon-budget controller will pass through its dispatcher and interlocks; an
+operator's manual command is checked against the point's configuration only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from scada.api.auth import AUTH, principal_of
+from scada.api.problem import ApiProblem
+from scada.api.routes import CATALOG
+from scada.model import Command, PointId, Priority, ServiceError
+from streams.commands import send_command, wait_result
+
+__all__ = ["COMMANDS", "CommandChannel", "add_command_routes"]
+
+MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandChannel:
+    """Where commands go and results come back."""
+
+    redis: aioredis.Redis
+    commands_key: str
+    results_key: str
+    timeout_s: float
+
+
+COMMANDS = web.AppKey("commands", CommandChannel)
+
+
+def add_command_routes(app: web.Application) -> None:
+    """Register the manual command route."""
+    app.router.add_post("/api/v1/points/{point_id}/commands", post_command)
+
+
+def _invalid(detail: str) -> ApiProblem:
+    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
+
+
+async def post_command(request: web.Request) -> web.Response:
+    """Write a value to a point through its gateway and return the verified outcome."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _invalid("body: not JSON") from None
+    if not isinstance(body, dict):
+        raise _invalid("body: expected a JSON object")
+    unknown = sorted(set(body) - {"value", "reason", "wait_s"})
+    if unknown:
+        raise _invalid(f"body: unknown field {unknown[0]!r}")
+    point_id, value = request.match_info["point_id"], body.get("value")
+    reason = body.get("reason", "manual command")
+    wait_s = body.get("wait_s", 15.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid("value: required, a finite number")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise _invalid("reason: a short text, at most 500 characters")
+    if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0.5 <= wait_s <= MAX_WAIT_S:
+        raise _invalid(f"wait_s: seconds to wait for the outcome, 0.5 to {MAX_WAIT_S:g}")
+    entry = request.app[CATALOG].point(point_id)  # 404 for an unknown point (the policy checked the node)
+    if not entry.config.writable:
+        raise ApiProblem(409, "Conflict", f"point {point_id} is not writable", slug="not-writable")
+    channel = request.app.get(COMMANDS)
+    if channel is None:
+        raise ApiProblem(503, "Service unavailable", "no command channel in this process")
+    principal = principal_of(request)
+    command = Command(
+        point=PointId(point_id),
+        value=float(value),
+        priority=Priority.OPERATOR,
+        source=f"api:{principal.tenant}:{principal.subject}",
+        reason=reason,
+        correlation_id=f"api-{uuid.uuid4()}",
+    )
+    audit = request.app[AUTH].audit
+    target = f"point:{point_id}"
+    await audit.append(
+        actor=principal.subject,
+        action="command.send",
+        target=target,
+        tenant=principal.tenant,
+        detail={"value": command.value, "reason": reason, "correlation_id": command.correlation_id},
+    )
+    try:
+        entry_id = await send_command(
+            channel.redis, channel.commands_key, command, timeout_s=channel.timeout_s
+        )
+        result = await wait_result(
+            channel.redis,
+            channel.results_key,
+            command.correlation_id,
+            after_id=entry_id,
+            timeout_s=float(wait_s),
+        )
+    except (RedisError, OSError, TimeoutError) as err:
+        raise ServiceError(f"command channel: {err}") from err
+    outcome: dict[str, Any]
+    if result is None:
+        outcome = {"status": "no result", "reason": f"no gateway answered within {wait_s:g} s"}
+    else:
+        outcome = {
+            "status": result.status.value,
+            "readback": result.readback,
+            "reason": result.reason,
+            "elapsed_ms": result.elapsed_ms,
+            "ts": result.ts.isoformat(),
+        }
+    await audit.append(
+        actor=principal.subject,
+        action="command.result",
+        target=target,
+        tenant=principal.tenant,
+        detail={"correlation_id": command.correlation_id, **outcome},
+    )
+    body_out = {
+        "correlation_id": command.correlation_id,
+        "point": point_id,
+        "requested": command.value,
+        **outcome,
+    }
+    if result is None:
+        raise ApiProblem(504, "Gateway timeout", outcome["reason"], slug="no-result", **body_out)
+    return web.json_response(body_out, status=200)
