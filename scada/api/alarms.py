@@ -19,6 +19,8 @@ from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmInputError, AlarmStateE
 from anomaly.service import AlarmStore, AnomalyService
 from scada.api.auth import AUTH, principal_of, scope_of
 from scada.api.problem import ApiProblem
+from scada.api.problem import invalid as _invalid
+from scada.api.problem import parse_time as _time
 from scada.model import UTC, DecodeError
 
 __all__ = ["ALARM_STORE", "ANOMALY", "add_alarm_routes", "alarm_status_json"]
@@ -39,22 +41,6 @@ def add_alarm_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/alarms/{alarm_id}/acknowledge", acknowledge)
     app.router.add_post("/api/v1/alarms/{alarm_id}/shelve", shelve)
     app.router.add_post("/api/v1/alarms/{alarm_id}/unshelve", unshelve)
-
-
-def _invalid(detail: str) -> ApiProblem:
-    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
-
-
-def _time(raw: str | None, name: str) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace(" ", "+"))
-    except ValueError:
-        raise _invalid(f"{name}: not an ISO 8601 time: {raw!r}") from None
-    if value.tzinfo is None:
-        raise _invalid(f"{name}: give a time zone, e.g. {raw}Z")
-    return value.astimezone(UTC)
 
 
 def _span(query: Mapping[str, str], default: timedelta) -> tuple[datetime, datetime]:

@@ -15,12 +15,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final
 
 from aiohttp import web
 
-from scada.api.problem import ApiProblem
+from scada.api.problem import ApiProblem, parse_time
+from scada.api.problem import invalid as _invalid
 from scada.audit import AuditLog, export
 from scada.auth_store import AuthStore, LockedOut
 from scada.catalog import SiteCatalog
@@ -329,10 +329,6 @@ def add_auth_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/audit/verify", audit_verify)
 
 
-def _invalid(detail: str) -> ApiProblem:
-    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
-
-
 async def _json_body(
     request: web.Request, fields: dict[str, type | tuple[type, ...]], required: set[str]
 ) -> dict[str, Any]:
@@ -590,7 +586,7 @@ async def audit_entries(request: web.Request) -> web.Response:
         raise _invalid("limit: an integer in [1, 10000]")
     if not cursor_raw.isdigit() or len(cursor_raw) > 18:
         raise _invalid("cursor: the next_cursor of the previous page")
-    start, end = _time(request, "start"), _time(request, "end")
+    start, end = parse_time(request.query.get("start"), "start"), parse_time(request.query.get("end"), "end")
     tenant = None if principal.is_system(ctx.tree) else principal.tenant
     entries = await ctx.audit.entries(
         tenant=tenant, start=start, end=end, after_seq=int(cursor_raw), limit=int(limit_raw)
@@ -606,19 +602,6 @@ async def audit_entries(request: web.Request) -> web.Response:
             },
         )
     return web.json_response({"entries": [e.to_json() for e in entries], "next_cursor": next_cursor})
-
-
-def _time(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if not raw:
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace(" ", "+"))
-    except ValueError:
-        raise _invalid(f"{name}: not an ISO 8601 time: {raw!r}") from None
-    if value.tzinfo is None:
-        raise _invalid(f"{name}: give a time zone")
-    return value.astimezone(UTC)
 
 
 async def audit_verify(request: web.Request) -> web.Response:

@@ -21,6 +21,8 @@ from control_engine.forecast import month_bounds, month_key
 from control_engine.quota import Basis, QuotaStatus
 from scada.api.auth import AUTH, default_node, principal_of, scope_of
 from scada.api.problem import ApiProblem
+from scada.api.problem import invalid as _invalid
+from scada.api.problem import parse_time as _time
 from scada.api.routes import CATALOG
 from scada.model import UTC, NodeId
 
@@ -58,10 +60,6 @@ async def _audit(request: web.Request, action: str, target: str, detail: dict[st
     )
 
 
-def _invalid(detail: str) -> ApiProblem:
-    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
-
-
 def _node(request: web.Request, raw: str | None) -> NodeId:
     catalog = request.app[CATALOG]
     if raw is None:
@@ -79,18 +77,6 @@ def _month(raw: str | None, zone: ZoneInfo) -> str:
     if not _MONTH.fullmatch(raw) or not 1990 <= int(raw[:4]) <= 2100:
         raise _invalid(f"month: expected YYYY-MM, got {raw!r}")
     return raw
-
-
-def _time(raw: str | None, name: str) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace(" ", "+"))
-    except ValueError:
-        raise _invalid(f"{name}: not an ISO 8601 time: {raw!r}") from None
-    if value.tzinfo is None:
-        raise _invalid(f"{name}: give a time zone, e.g. {raw}Z")
-    return value.astimezone(UTC)
 
 
 def _t(kg: float) -> float:

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from scada.api.auth import AUTH, principal_of
 from scada.api.problem import ApiProblem
+from scada.api.problem import invalid as _invalid
 from scada.api.routes import CATALOG
 from scada.model import Command, PointId, Priority, ServiceError
 from streams.commands import send_command, wait_result
@@ -51,10 +52,6 @@ COMMANDS = web.AppKey("commands", CommandChannel)
 def add_command_routes(app: web.Application) -> None:
     """Register the manual command route."""
     app.router.add_post("/api/v1/points/{point_id}/commands", post_command)
-
-
-def _invalid(detail: str) -> ApiProblem:
-    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
 
 
 async def post_command(request: web.Request) -> web.Response:

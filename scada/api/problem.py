@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
-from scada.model import ConfigError, NotFound, ServiceError
+from scada.model import UTC, ConfigError, NotFound, ServiceError
 
 __all__ = ["REQUEST_ID", "ApiProblem", "problem_middleware", "problem_response"]
 
@@ -107,3 +108,21 @@ def _problem_for(err: Exception, request: web.Request, request_id: str) -> ApiPr
                 "request %s: unhandled error on %s %s", request_id, request.method, request.path, exc_info=err
             )
             return ApiProblem(500, "Internal error", "the server failed; see its log", slug="internal-error")
+
+
+def invalid(detail: str) -> ApiProblem:
+    """Return the 400 problem of a request whose ``detail`` names the bad field."""
+    return ApiProblem(400, "Invalid request", detail, slug="invalid-request")
+
+
+def parse_time(raw: str | None, name: str) -> datetime | None:
+    """Return an ISO 8601 time with a zone as UTC (None when absent); a 400 problem otherwise."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace(" ", "+"))  # '+' in a query string arrives as ' '
+    except ValueError:
+        raise invalid(f"{name}: not an ISO 8601 time: {raw!r}") from None
+    if value.tzinfo is None:
+        raise invalid(f"{name}: give a time zone, e.g. {raw}Z")
+    return value.astimezone(UTC)

@@ -21,7 +21,7 @@ from scada import __version__
 from scada.api.auth import scope_of
 from scada.api.metrics import metrics
 from scada.api.openapi import docs_page, openapi_json
-from scada.api.problem import ApiProblem
+from scada.api.problem import ApiProblem, parse_time
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
 from scada.model import UTC, Carrier, DeviceId, NotFound, Reading, ReadingStore, ServiceError
@@ -450,20 +450,7 @@ async def emission_factor(request: web.Request) -> web.Response:
 
 
 def _parse_time(query: Mapping[str, str], name: str) -> datetime | None:
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace(" ", "+"))  # '+' in a query string arrives as ' '
-    except ValueError:
-        raise ApiProblem(
-            400, "Invalid request", f"{name}: not an ISO 8601 time: {raw!r}", slug="invalid-request"
-        ) from None
-    if value.tzinfo is None:
-        raise ApiProblem(
-            400, "Invalid request", f"{name}: give a time zone, e.g. {raw}Z", slug="invalid-request"
-        )
-    return value.astimezone(UTC)
+    return parse_time(query.get(name), name)
 
 
 def _parse_int(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
