@@ -24,6 +24,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -34,15 +35,19 @@ from redis.backoff import NoBackoff
 from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmPriority
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
-from control_engine.forecast import MonthForecaster
+from control_engine.controller import ControlService, dispatch_modes
+from control_engine.dispatcher import Dispatcher, DispatchStore
+from control_engine.forecast import MonthForecaster, month_key
 from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
+from control_engine.rules import NodeBudget, PointState
 from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.auth import AUTH, AuthContext, add_auth_routes, auth_middleware
 from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
 from scada.api.commands import COMMANDS, CommandChannel, add_command_routes
+from scada.api.dispatches import DISPATCH_STORE, DISPATCHER, add_dispatch_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
 from scada.api.routes import (
@@ -62,7 +67,17 @@ from scada.catalog import SiteCatalog, ledger_points, node_tree, sync_catalog
 from scada.config import SiteConfig
 from scada.db import create_pool, migrate
 from scada.gateway import Gateway
-from scada.model import Clock, ConfigError, NodeId, ServiceError, StreamName
+from scada.model import (
+    Carrier,
+    Clock,
+    Command,
+    CommandResult,
+    ConfigError,
+    NodeId,
+    PointId,
+    ServiceError,
+    StreamName,
+)
 from scada.runtime import Backoff, SystemClock, TaskSupervisor
 from scada.security import Grant, NodeTree, TokenSigner
 from scada.security import Role as AccessRole
@@ -72,7 +87,7 @@ from scada.settings import Settings
 from scada.sharding import Shard
 from streams.bus import RedisReadingSink, run_consumer, stream_key
 from streams.codec import decode_reading_rows, encode_json_event
-from streams.commands import run_command_executor
+from streams.commands import run_command_executor, send_command, wait_result
 from streams.historian import HistorianStage
 from streams.live import LiveHub, follow_availability, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
@@ -166,6 +181,7 @@ def create_app(
     add_alarm_routes(app)
     add_auth_routes(app)
     add_command_routes(app)
+    add_dispatch_routes(app)
     return app
 
 
@@ -191,6 +207,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[CARBON_STORE] = CarbonStore(pool, timeout_s=settings.service_timeout_s)
         app[CARBON_QUERIES] = CarbonQueries(pool, timeout_s=settings.service_timeout_s)
         app[ALARM_STORE] = AlarmStore(pool, timeout_s=settings.service_timeout_s)
+        app[DISPATCH_STORE] = DispatchStore(pool, timeout_s=settings.service_timeout_s)
         yield
     finally:
         await pool.close()
@@ -327,6 +344,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
         if Role.ANALYTICS in roles:
             await _start_carbon(app, consumer_name)
             await _start_anomaly(app, consumer_name)
+            _start_dispatcher(app)
         if Role.GATEWAY in roles:
             plant.sink = RedisReadingSink(
                 redis,
@@ -583,3 +601,116 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
         ),
         name="alarm-availability",
     )
+
+
+def _start_dispatcher(app: web.Application) -> None:
+    """Start the dispatcher: the controller's only path to devices (analytics role)."""
+    settings, clock, plant = app[SETTINGS], app[_CLOCK], app[PLANT]
+    channel, store, audit = app[COMMANDS], app[STORE], app[AUTH].audit
+
+    async def send(command: Command, wait_s: float) -> CommandResult | None:
+        entry = await send_command(channel.redis, channel.commands_key, command, timeout_s=channel.timeout_s)
+        return await wait_result(
+            channel.redis, channel.results_key, command.correlation_id, after_id=entry, timeout_s=wait_s
+        )
+
+    hub = app[HUB]
+
+    async def latest(point: PointId) -> float | None:
+        # The live hub when this process feeds one (api role), else the newest stored reading.
+        reading = hub.latest(point) or await store.latest(point)
+        return reading.value if reading is not None and reading.quality.is_good else None
+
+    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        await audit.append(actor=actor, action=action, target=target, detail=detail)
+
+    site = app[CATALOG].site
+    control = site.control
+    nodes = [node.id for node, _parent in site.iter_nodes()]
+    dispatcher = app[DISPATCHER] = Dispatcher(
+        app[DISPATCH_STORE],
+        send,
+        latest,
+        clock=clock,
+        modes=dispatch_modes(control, nodes) if control is not None else None,
+        audit=note,
+        send_wait_s=settings.service_timeout_s * 2,
+    )
+    plant.supervisor.spawn(dispatcher.run(), name="dispatcher")
+    if control is None:
+        return
+    catalog, carbon_store, factors = app[CATALOG], app[CARBON_STORE], app[FACTORS]
+    zone = ZoneInfo(site.site.timezone)
+
+    async def budgets() -> dict[str, NodeBudget]:
+        carbon = plant.carbon
+        if carbon is None:
+            return {}
+        now = clock.now()
+        month = month_key(now.astimezone(zone))
+        out: dict[str, NodeBudget] = {}
+        for quota in await carbon_store.quotas(month=month):
+            forecast = carbon.forecasts.get(quota.node)
+            if forecast is None or forecast.month != month:
+                continue
+            out[quota.node] = NodeBudget(
+                node=quota.node,
+                month=month,
+                quota_t=quota.quota_t,
+                actual_t=forecast.actual_kg / 1000,
+                forecast_t=forecast.forecast_kg / 1000,
+                forecast_high_t=forecast.high_kg / 1000,
+                computed_at=forecast.computed_at,
+            )
+        return out
+
+    async def points(watched: Sequence[PointId]) -> dict[str, PointState]:
+        out: dict[str, PointState] = {}
+        for point in watched:
+            reading = hub.latest(point) or await store.latest(point)
+            if reading is None:
+                continue
+            entry = catalog.point(point)
+            out[point] = PointState(
+                point=point,
+                value=reading.value,
+                quality=reading.quality.code,
+                ts=reading.ts,
+                writable=entry.config.writable,
+                max_age_s=entry.device.effective_stale_after_s,
+            )
+        return out
+
+    def intensity() -> tuple[float | None, tuple[float, ...]]:
+        # The grid factor in force for every coming hour: no intensity forecast yet (docs/control.md).
+        value = factors.in_force(Carrier.ELECTRICITY, clock.now(), site.carbon.grid_region).value
+        return value, (value,) * 24
+
+    watched = _watched_points(control.model_dump(mode="json"), catalog)
+    controller = ControlService(
+        control,
+        dispatcher,
+        budgets=budgets,
+        points=points,
+        intensity=intensity,
+        watched=watched,
+        clock=clock,
+        audit=note,
+    )
+    plant.supervisor.spawn(controller.run(), name="controller")
+
+
+def _watched_points(document: Any, catalog: SiteCatalog) -> list[PointId]:
+    """Return every point id the control section names (targets, mode points, SOC and comfort points)."""
+    found: set[str] = set()
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(k for k in item if isinstance(k, str))
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str) and catalog.has_point(item):
+            found.add(item)
+    return sorted(PointId(p) for p in found)

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anomaly.detectors import DetectorSpec
+from control_engine.control_config import ControlConfig, parse_control
 from control_engine.factors import NATIONAL, FactorLibrary
 from control_engine.notify import NotifyConfig
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
@@ -485,6 +486,8 @@ class SiteConfig(_Frozen):
     """Site overrides of the emission factor library (docs/emission-factors.md): each replaces the
     factor with the same id (or carrier, region, variant and year), or adds one. Checked at load."""
     carbon: CarbonConfig = CarbonConfig()
+    control: ControlConfig | None = None
+    """The carbon-budget controller: node modes, stages, rules and interlocks (docs/control.md)."""
     tenants: tuple[TenantConfig, ...] = ()
     """Tenants and the subtrees they own; without any, one tenant (the site's id) owns everything."""
     notifications: NotifyConfig | None = None
@@ -562,6 +565,18 @@ def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
         raise ConfigError(f"{source}: {err.path}: {err.message}") from None
     if site.emission_factors:
         site.factor_library(source=source)  # overrides are checked at load, like the rest of the file
+    if "control" in raw and raw["control"] is not None:
+        # Rules and interlocks name points, nodes and devices: checked against the expanded site.
+        points = {d.point_id(p.key): p for d in site.devices for p in d.points}
+        control = parse_control(
+            raw["control"],
+            source=source,
+            known_points=set(points),
+            writable_points={pid for pid, p in points.items() if p.writable},
+            known_nodes={node.id for node, _parent in site.iter_nodes()},
+            known_devices={d.id for d in site.devices},
+        )
+        site = site.model_copy(update={"control": control})
     return site
 
 

@@ -189,6 +189,11 @@ POLICIES: dict[tuple[str, str], Policy] = {
     ("POST", "/api/v1/alarms/{alarm_id}/unshelve"): Policy(
         role=Role.OPERATOR, node=alarm_node, humans_only=True
     ),
+    # Dispatches: the handlers check the dispatch's node (it is known only after reading it).
+    ("GET", "/api/v1/dispatches"): READ,
+    ("GET", "/api/v1/dispatches/{dispatch_id}"): READ,
+    ("POST", "/api/v1/dispatches/{dispatch_id}/approve"): Policy(role=Role.OPERATOR, humans_only=True),
+    ("POST", "/api/v1/dispatches/{dispatch_id}/reject"): Policy(role=Role.OPERATOR, humans_only=True),
     ("GET", "/api/v1/users"): Policy(role=Role.ADMIN, humans_only=True),
     ("POST", "/api/v1/users"): Policy(role=Role.ADMIN, humans_only=True),
     ("GET", "/api/v1/api-keys"): Policy(role=Role.ADMIN, humans_only=True),

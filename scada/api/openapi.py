@@ -18,6 +18,7 @@ from typing import Any, Final, get_args
 
 from aiohttp import web
 
+from control_engine.dispatcher import DispatchState
 from scada import __version__
 from scada.config import Protocol
 from scada.model import (
@@ -569,6 +570,29 @@ def _schemas(limits: dict[str, Any]) -> dict[str, Schema]:
                 "priority_distribution": {"type": "object", "additionalProperties": INTEGER},
                 "priority_pct": {"type": "object", "additionalProperties": NUMBER},
             }
+        ),
+        "Dispatch": _obj(
+            {
+                "id": INTEGER,
+                "created_at": DATE_TIME,
+                "node": ID,
+                "point": POINT_ID,
+                "value": NUMBER,
+                "reason": STRING,
+                "rule_id": STRING,
+                "stage": INTEGER,
+                "priority": INTEGER,
+                "mode": {"type": "string", "enum": ["auto", "approve", "advisory"]},
+                "state": {"type": "string", "enum": [s.value for s in DispatchState]},
+                "hold_until": {"type": ["string", "null"], "format": "date-time"},
+                "previous_value": {"type": ["number", "null"]},
+                "correlation_id": {"type": ["string", "null"]},
+                "result": {"type": ["object", "null"]},
+                "decided_by": {"type": ["string", "null"]},
+                "decision_comment": STRING,
+                "expected_kw": {"type": ["number", "null"]},
+            },
+            required=["id", "created_at", "node", "point", "value", "reason", "mode", "state"],
         ),
         "CommandInput": _obj(
             {
@@ -1138,7 +1162,82 @@ def _paths(limits: dict[str, Any]) -> dict[str, Schema]:
                 role="operator",
             )
         },
+        **_dispatch_paths(),
         **_auth_paths(),
+    }
+
+
+def _dispatch_paths() -> dict[str, Schema]:
+    dispatch_id = _path("dispatch_id", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "Dispatch id.")
+    decision = {
+        "required": False,
+        "description": "An optional comment, kept with the decision and in the audit log.",
+        "content": {
+            "application/json": {
+                "schema": _obj({"comment": {"type": "string", "maxLength": 1000}}, additionalProperties=False)
+            }
+        },
+    }
+    one = {"200": _json("The dispatch as it now stands.", _ref("Dispatch"))}
+    return {
+        "/api/v1/dispatches": {
+            "get": _operation(
+                "listDispatches",
+                "control",
+                "The newest dispatches within the caller's nodes",
+                {
+                    "200": _json(
+                        "Newest first.",
+                        _obj({"dispatches": _array(_ref("Dispatch"))}, required=["dispatches"]),
+                    )
+                },
+                problems=(400,),
+                parameters=[
+                    _query("state", {"type": "string"}, "Comma-separated states to keep."),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "How many.",
+                    ),
+                ],
+            )
+        },
+        "/api/v1/dispatches/{dispatch_id}": {
+            "get": _operation(
+                "getDispatch",
+                "control",
+                "One dispatch with its outcome",
+                one,
+                problems=(404,),
+                parameters=[dispatch_id],
+            )
+        },
+        "/api/v1/dispatches/{dispatch_id}/approve": {
+            "post": _operation(
+                "approveDispatch",
+                "control",
+                "Approve a waiting dispatch: it is sent and verified by read-back",
+                one,
+                problems=(400, 404, 409, 503),
+                parameters=[dispatch_id],
+                request_body=decision,
+                description="409 unless it awaits approval; 503 outside the analytics role. Audited.",
+                role="operator",
+            )
+        },
+        "/api/v1/dispatches/{dispatch_id}/reject": {
+            "post": _operation(
+                "rejectDispatch",
+                "control",
+                "Reject a waiting dispatch",
+                one,
+                problems=(400, 404, 409, 503),
+                parameters=[dispatch_id],
+                request_body=decision,
+                description="409 unless it awaits approval; 503 outside the analytics role. Audited.",
+                role="operator",
+            )
+        },
     }
 
 
@@ -1398,6 +1497,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
             {"name": "carbon", "description": "Emission factors, emissions, quotas, forecasts."},
             {"name": "alarms", "description": "Alarm states, events, KPIs and operator actions."},
             {"name": "commands", "description": "Manual writes to devices, verified by read-back."},
+            {"name": "control", "description": "The dispatch queue: approve, reject, outcomes."},
             {"name": "operations", "description": "What the pipeline set aside."},
             {"name": "admin", "description": "Users, API keys, kiosk tokens, audit."},
         ],

@@ -20,7 +20,7 @@ from anomaly.alarm_model import AlarmEvent, AlarmPriority, AlarmState, EventCaus
 from control_engine.carbon import Quota
 from control_engine.factors import FactorLibrary
 from scada import __version__
-from scada.api import alarms, auth, carbon, commands, routes
+from scada.api import alarms, auth, carbon, commands, dispatches, routes
 from scada.api.openapi import docs_page, openapi_json, openapi_spec, render_docs
 from scada.api.problem import ApiProblem, problem_middleware, problem_response
 from scada.model import PointId, Quality, Reading
@@ -60,6 +60,7 @@ def _routed() -> set[tuple[str, str]]:
     alarms.add_alarm_routes(app)
     auth.add_auth_routes(app)
     commands.add_command_routes(app)
+    dispatches.add_dispatch_routes(app)
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
