@@ -16,7 +16,7 @@ from typing import Any
 
 import panel as pn
 
-from cockpit.bigscreen import DEFAULT_ROTATE_S, BigScreen, Layout
+from cockpit.bigscreen import DEFAULT_ROTATE_S, VIEWS, BigScreen, Layout
 from cockpit.data import REFRESH_S, Credentials, DataHub
 from cockpit.i18n import parse_lang, t
 from cockpit.operator import OperatorCockpit
@@ -68,6 +68,7 @@ def make_apps(
             lang=lang,
             layout=Layout.parse(query.get("layout")),
             rotate_s=_rotate_s(query.get("rotate")),
+            first_view=view if (view := query.get("view", VIEWS[0])) in VIEWS else VIEWS[0],
         )
         pn.state.add_periodic_callback(screen.update, period=UPDATE_PERIOD_MS)
         pn.state.on_session_destroyed(lambda _ctx: hub.release(layer, screen))

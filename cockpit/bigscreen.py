@@ -28,17 +28,19 @@ from bokeh.plotting import figure
 from cockpit.data import (
     AlarmView,
     DataLayer,
+    DispatchView,
     QuotaView,
     Snapshot,
     node_power_kw,
+    point_label,
     storage_status,
     top_emitters,
 )
-from cockpit.i18n import Lang, format_date, format_number, format_time, t
+from cockpit.i18n import Lang, format_date, format_number, format_time, t, t_or
 from cockpit.style import ACCENT, CARD, DANGER, MUTED, PRIORITY_COLOURS, TEXT, WARN, esc, panel_css
 from scada.model import UTC
 
-__all__ = ["ACTIVE_STATES", "BigScreen", "Layout", "banner_order", "gauge_svg"]
+__all__ = ["ACTIVE_STATES", "VIEWS", "BigScreen", "Layout", "banner_order", "dispatch_effect", "gauge_svg"]
 
 ACTIVE_STATES = frozenset({"active_unack", "active_ack", "rtn_unack"})
 """Alarm states an operator must see (shelved, suppressed and out-of-service ones are set aside)."""
@@ -53,7 +55,24 @@ def banner_order(alarms: Iterable[AlarmView]) -> list[AlarmView]:
     )
 
 
+def dispatch_effect(dispatch: DispatchView, lang: Lang) -> str:
+    """Return what a wall says a dispatch achieved: a measured cut, else the expectation, marked as such.
+
+    The server does not measure dispatch effects yet, so a row says "expected X kW · effect to be
+    verified" until a measured ``co2e_avoided_kg`` arrives with the dispatch.
+    """
+    if dispatch.co2e_avoided_t is not None:
+        return t("cut_co2", lang, value=format_number(dispatch.co2e_avoided_t, 2))
+    pending = t("effect_pending", lang)
+    if dispatch.expected_kw is None:
+        return pending
+    return f"{t('expected_kw', lang, value=format_number(dispatch.expected_kw, 1))} · {pending}"
+
+
+VIEWS = ("carbon", "energy", "operations")
+"""The rotating views, in order (``?view=`` names the first one shown)."""
 BANNER_ALARMS = 3
+MAX_DISPATCH_ROWS = 10
 DEFAULT_ROTATE_S = 20.0
 MAX_ENTERPRISE_CARDS = 4
 """Enterprises with a live power card of their own (all of them are in the energy view)."""
@@ -156,10 +175,19 @@ class BigScreen:
     """One big-screen session: builds the panes and refreshes them from the data layer's snapshot."""
 
     def __init__(
-        self, layer: DataLayer, *, lang: Lang, layout: Layout, rotate_s: float = DEFAULT_ROTATE_S
+        self,
+        layer: DataLayer,
+        *,
+        lang: Lang,
+        layout: Layout,
+        rotate_s: float = DEFAULT_ROTATE_S,
+        first_view: str = VIEWS[0],
     ) -> None:
+        if first_view not in VIEWS:
+            raise ValueError(f"first_view: one of {', '.join(VIEWS)}, not {first_view!r}")
         self.layer, self.lang, self.layout = layer, lang, layout
         self.rotate_s = max(3.0, rotate_s)
+        self._first_view = VIEWS.index(first_view)
         s = layout.scale
         self._css = [panel_css(s)]
         self._seen_version = -1
@@ -190,7 +218,7 @@ class BigScreen:
             pn.Row(self._by_enterprise, self._emitters, self._pv, styles=gap, margin=0),
             pn.Row(self._dispatches, self._alarm_list, styles=gap, margin=0),
         ]
-        self._view_names = ["view_carbon", "view_energy", "view_operations"]
+        self._view_names = [f"view_{name}" for name in VIEWS]
         self._dots = self._html(height=int(30 * s), width=width)
         self._view = -1
         self._started = time.monotonic()
@@ -291,7 +319,8 @@ class BigScreen:
         self._render_operations(snap)
 
     def _rotate(self) -> None:
-        view = int((time.monotonic() - self._started) // self.rotate_s) % len(self._views)
+        turns = int((time.monotonic() - self._started) // self.rotate_s)
+        view = (self._first_view + turns) % len(self._views)
         if view == self._view:
             return
         self._view = view
@@ -514,11 +543,26 @@ class BigScreen:
 
     def _render_operations(self, snap: Snapshot) -> None:
         lang = self.lang
-        # The server has no dispatch API yet (the dispatcher is a later issue): always the empty state.
-        body = (
-            f'<div class="empty" data-empty="dispatches">{esc(t("no_dispatches", lang))}</div>'
-            f'<div class="muted" style="text-align:center">{esc(t("dispatch_note", lang))}</div>'
-        )
+        latest = sorted(snap.dispatches, key=lambda d: d.id, reverse=True)[:MAX_DISPATCH_ROWS]
+        if latest:
+            zone = snap.zone
+            lines: list[str] = []
+            for d in latest:
+                info = snap.points.get(d.point)
+                unit = info.unit if info else ""
+                state = t_or(f"dstate_{d.state}", lang, d.state)
+                measured = "measured" if d.co2e_avoided_t is not None else "pending"
+                lines.append(
+                    f'<tr data-dispatch="{d.id}" data-state="{esc(d.state)}">'
+                    f"<td>{format_time(d.created_at, zone)}</td>"
+                    f'<td class="dstate-{esc(d.state)}">{esc(state)}</td>'
+                    f"<td>{esc(point_label(snap, d.point))}</td>"
+                    f'<td style="text-align:right"><b>{d.value:g}</b> {esc(unit)}</td>'
+                    f'<td data-effect="{measured}">{esc(dispatch_effect(d, lang))}</td></tr>'
+                )
+            body = f'<table class="list">{"".join(lines)}</table>'
+        else:
+            body = f'<div class="empty" data-empty="dispatches">{esc(t("no_dispatches", lang))}</div>'
         self._set(
             self._dispatches,
             f'<div class="card"><div class="card-title">{esc(t("dispatches", lang))}</div>{body}</div>',

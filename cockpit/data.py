@@ -8,11 +8,12 @@ it runs one :class:`DataLayer` task that
 - polls the REST API every ``refresh_s`` (site tree, devices, points, emissions, forecasts, quotas,
   alarms, today's energy) and
 - follows the websocket (``/api/v1/ws``): live readings of the points on screen, alarm transitions
-  (which trigger an immediate alarm refresh).
+  (which trigger an immediate alarm refresh) and command results (which re-read the dispatches).
 
 Each change publishes a new immutable :class:`Snapshot` by reference assignment; Panel sessions
 read ``layer.snapshot`` in their periodic callbacks and never block. Operator actions and history
-queries run on the hub's loop and hand back ``concurrent.futures.Future`` objects that sessions poll.
+queries run on the hub's loop and hand back ``concurrent.futures.Future`` objects that sessions poll:
+acknowledge and shelve an alarm, approve and reject a dispatch, send a manual command.
 
 Layers are keyed by credential because the server scopes every answer to the caller's tenant and
 grants: two big screens with the same kiosk token share one layer, an operator gets their own.
@@ -25,6 +26,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -43,9 +45,11 @@ from scada.runtime import Backoff
 __all__ = [
     "AlarmView",
     "ApiError",
+    "CommandOutcome",
     "DataHub",
     "DataLayer",
     "Device",
+    "DispatchView",
     "Emissions",
     "Forecast",
     "Node",
@@ -53,8 +57,10 @@ __all__ = [
     "QuotaView",
     "Sample",
     "Snapshot",
+    "dispatch_order",
     "feeder_points",
     "node_power_kw",
+    "point_label",
     "screen_points",
     "storage_status",
     "top_emitters",
@@ -71,6 +77,15 @@ IDLE_GRACE_S = 30.0
 """How long a layer nobody uses keeps running (a page reload finds it warm)."""
 PAGE_LIMIT = 1000
 ALARM_REFRESH_DEBOUNCE_S = 0.2
+DISPATCH_REFRESH_DEBOUNCE_S = 0.5
+"""A command result arrives just before the dispatcher records it: wait a little, then re-read."""
+RECENT_DISPATCHES = 30
+"""Decided or finished dispatches kept on screen besides every one awaiting approval."""
+MAX_WAITING_DISPATCHES = 200
+DECISION_TIMEOUT_S = 60.0
+"""An approval waits for the send, its retries and the read-back (three tries of 10 s by default)."""
+COMMAND_WAIT_S = 15.0
+"""How long the server waits for a gateway's verified outcome of a manual command."""
 MAX_WANTED_POINTS = 5000
 """Points a layer follows at most (the server allows 10,000 per connection)."""
 
@@ -182,6 +197,64 @@ class AlarmView:
     value: float | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchView:
+    """A dispatch of the controller as the API shows it (``GET /api/v1/dispatches``)."""
+
+    id: int
+    created_at: datetime
+    node: str
+    point: str
+    value: float
+    reason: str
+    rule_id: str
+    stage: int
+    mode: str
+    state: str
+    """``awaiting_approval``, ``approved``, ``rejected``, ``sending``, ``verified``, ``failed``, …"""
+    hold_until: datetime | None
+    result: Mapping[str, Any] | None
+    """The gateway's outcome (``status``, ``readback``, ``reason``, ``attempts``…) once sent."""
+    decided_by: str | None
+    decision_comment: str
+    expected_kw: float | None
+    """The reduction the rule expects (planning figure, not a measurement)."""
+    co2e_avoided_t: float | None = None
+    """The measured effect, when the server reports one (``co2e_avoided_kg``; it does not yet)."""
+
+    @property
+    def waiting(self) -> bool:
+        """Return True while an operator must approve or reject it."""
+        return self.state == "awaiting_approval"
+
+
+def dispatch_order(dispatches: Iterable[DispatchView]) -> list[DispatchView]:
+    """Return the queue as an operator reads it: waiting ones first (oldest first), then newest first."""
+    items = list(dispatches)
+    waiting = sorted((d for d in items if d.waiting), key=lambda d: d.id)
+    others = sorted((d for d in items if not d.waiting), key=lambda d: d.id, reverse=True)
+    return waiting + others
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandOutcome:
+    """The server's answer to a manual command: the gateway's outcome after write and read-back."""
+
+    correlation_id: str
+    point: str
+    requested: float
+    status: str
+    """``verified``, ``mismatch``, ``rejected``, ``timeout`` or ``failed``."""
+    readback: float | None
+    reason: str
+    elapsed_ms: float | None
+
+    @property
+    def verified(self) -> bool:
+        """Return True when the device holds the value (read back)."""
+        return self.status == "verified"
+
+
 def _empty() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -210,6 +283,8 @@ class Snapshot:
     forecasts: Mapping[str, Forecast] = field(default_factory=_empty)
     quotas: tuple[QuotaView, ...] = ()
     alarms: tuple[AlarmView, ...] = ()
+    dispatches: tuple[DispatchView, ...] = ()
+    """Every dispatch awaiting approval and the newest others, in :func:`dispatch_order`."""
     live: bool = False
     """Whether the websocket is connected."""
     errors: Mapping[str, str] = field(default_factory=_empty)
@@ -352,6 +427,15 @@ def screen_points(snap: Snapshot) -> set[str]:
     return wanted
 
 
+def point_label(snap: Snapshot, point_id: str) -> str:
+    """Return the "device · point" names of a point (its id if the snapshot does not know it)."""
+    info = snap.points.get(point_id)
+    if info is None:
+        return point_id
+    device = snap.devices.get(info.device)
+    return f"{device.name if device else info.device} · {info.name}"
+
+
 def top_emitters(snap: Snapshot, *, count: int = 5) -> list[tuple[Node, float]]:
     """Return the nodes that emitted most this month (month-to-date tCO2e of their forecasts).
 
@@ -420,6 +504,43 @@ def _alarm(raw: Mapping[str, Any]) -> AlarmView:
         point=raw.get("point"),
         message=raw.get("message") or raw["alarm"],
         value=_float(raw.get("value")),
+    )
+
+
+def _dispatch(raw: Mapping[str, Any]) -> DispatchView:
+    result = raw.get("result")
+    hold = raw.get("hold_until")
+    return DispatchView(
+        id=int(raw["id"]),
+        created_at=_time(raw["created_at"]),
+        node=str(raw["node"]),
+        point=str(raw["point"]),
+        value=float(raw["value"]),
+        reason=str(raw.get("reason") or ""),
+        rule_id=str(raw.get("rule_id") or ""),
+        stage=int(raw.get("stage") or 0),
+        mode=str(raw.get("mode") or ""),
+        state=str(raw["state"]),
+        hold_until=_time(hold) if isinstance(hold, str) else None,
+        result=MappingProxyType(dict(result)) if isinstance(result, dict) else None,
+        decided_by=raw.get("decided_by"),
+        decision_comment=str(raw.get("decision_comment") or ""),
+        expected_kw=_float(raw.get("expected_kw")),
+        co2e_avoided_t=avoided / 1000.0
+        if (avoided := _float(raw.get("co2e_avoided_kg"))) is not None
+        else None,
+    )
+
+
+def _outcome(raw: Mapping[str, Any]) -> CommandOutcome:
+    return CommandOutcome(
+        correlation_id=str(raw.get("correlation_id", "")),
+        point=str(raw["point"]),
+        requested=float(raw["requested"]),
+        status=str(raw["status"]),
+        readback=_float(raw.get("readback")),
+        reason=str(raw.get("reason") or ""),
+        elapsed_ms=_float(raw.get("elapsed_ms")),
     )
 
 
@@ -507,6 +628,7 @@ class DataLayer:
         self._session: aiohttp.ClientSession | None = None
         self._wanted_changed = asyncio.Event()
         self._alarms_dirty = asyncio.Event()
+        self._dispatches_dirty = asyncio.Event()
         self._refresh_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.users = 0
@@ -544,6 +666,35 @@ class DataLayer:
         body = {"by": by, "reason": reason, "duration_s": duration_s}
         return asyncio.run_coroutine_threadsafe(self._alarm_action(alarm_id, "shelve", body), self._loop)
 
+    def approve(self, dispatch_id: int, *, comment: str = "") -> concurrent.futures.Future[DispatchView]:
+        """Approve a waiting dispatch; the future holds it as sent and verified (or failed).
+
+        The future raises :class:`ApiError` with the server's detail when refused (409: not waiting
+        any more; 403: not an operator of its node; 503: no dispatcher in that server process).
+        """
+        return asyncio.run_coroutine_threadsafe(self._decide(dispatch_id, "approve", comment), self._loop)
+
+    def reject(self, dispatch_id: int, *, comment: str = "") -> concurrent.futures.Future[DispatchView]:
+        """Reject a waiting dispatch; the future raises :class:`ApiError` when refused."""
+        return asyncio.run_coroutine_threadsafe(self._decide(dispatch_id, "reject", comment), self._loop)
+
+    def command(
+        self, point_id: str, value: float, *, reason: str = "", wait_s: float = COMMAND_WAIT_S
+    ) -> concurrent.futures.Future[CommandOutcome]:
+        """Write ``value`` to a point through its gateway; the future holds the verified outcome.
+
+        The future raises :class:`ApiError` when the server refuses (409 not writable, 403 not an
+        engineer, 400 bad value) or no gateway answered within ``wait_s`` (504).
+        """
+        if not math.isfinite(value):
+            raise ValueError(f"value: a finite number, not {value!r}")
+        if not 0.5 <= wait_s <= 30.0:
+            raise ValueError(f"wait_s: 0.5 to 30 s, not {wait_s!r}")
+        body: dict[str, Any] = {"value": value, "wait_s": wait_s}
+        if reason.strip():
+            body["reason"] = reason.strip()
+        return asyncio.run_coroutine_threadsafe(self._command(point_id, body, wait_s), self._loop)
+
     # ---- the task ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -565,6 +716,7 @@ class DataLayer:
                     group.create_task(self._poll_loop(), name="cockpit-rest")
                     group.create_task(self._ws_loop(), name="cockpit-ws")
                     group.create_task(self._alarm_loop(), name="cockpit-alarms")
+                    group.create_task(self._dispatch_loop(), name="cockpit-dispatches")
             finally:
                 self._session = None
 
@@ -582,11 +734,17 @@ class DataLayer:
         return {"Authorization": f"Bearer {self._credentials.access_token}"}
 
     async def _request(
-        self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> Any:
         """Send one request; on 401 renew the access token once (after a login) and retry."""
         for attempt in range(2):
-            status, payload = await self._send(method, path, params=params, body=body)
+            status, payload = await self._send(method, path, params=params, body=body, timeout_s=timeout_s)
             if status == 401 and attempt == 0 and self._credentials.refresh_token:
                 await self._renew()
                 continue
@@ -598,14 +756,25 @@ class DataLayer:
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def _send(
-        self, method: str, path: str, *, params: Mapping[str, str] | None, body: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        body: Any,
+        timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> tuple[int, Any]:
         session = self._session
         if session is None:
             raise ApiError(0, "", "the data layer is not running")
         try:
             async with session.request(
-                method, self.api_url + path, params=params, json=body, headers=self._headers()
+                method,
+                self.api_url + path,
+                params=params,
+                json=body,
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 if response.status == 204:
                     return 204, None
@@ -717,6 +886,7 @@ class DataLayer:
             self._wanted_changed.set()  # the screen points depend on the tree
         await self._refresh_carbon()
         await self._refresh_alarms()
+        await self._refresh_dispatches()
 
     async def _refresh_carbon(self) -> None:
         snap = self.snapshot
@@ -791,6 +961,61 @@ class DataLayer:
             self._alarms_dirty.clear()
             await self._refresh_alarms()
 
+    async def _refresh_dispatches(self) -> None:
+        waiting, recent = await asyncio.gather(
+            self._guard(
+                "dispatches",
+                self.get("/api/v1/dispatches", state="awaiting_approval", limit=str(MAX_WAITING_DISPATCHES)),
+            ),
+            self._guard("dispatches", self.get("/api/v1/dispatches", limit=str(RECENT_DISPATCHES))),
+        )
+        if waiting is None or recent is None:
+            return
+        by_id = {d.id: d for d in map(_dispatch, [*waiting["dispatches"], *recent["dispatches"]])}
+        self._publish(dispatches=tuple(dispatch_order(by_id.values())))
+
+    def _merge_dispatch(self, dispatch: DispatchView) -> None:
+        """Show an action's answer at once (the next list read confirms it)."""
+        others = [d for d in self.snapshot.dispatches if d.id != dispatch.id]
+        self._publish(dispatches=tuple(dispatch_order([*others, dispatch])))
+
+    async def _dispatch_loop(self) -> None:
+        """Re-read the dispatches soon after the websocket reports a command result (debounced)."""
+        while True:
+            await self._dispatches_dirty.wait()
+            await asyncio.sleep(DISPATCH_REFRESH_DEBOUNCE_S)
+            self._dispatches_dirty.clear()
+            await self._refresh_dispatches()
+
+    async def _decide(self, dispatch_id: int, action: str, comment: str) -> DispatchView:
+        try:
+            body = await self._request(
+                "POST",
+                f"/api/v1/dispatches/{int(dispatch_id)}/{action}",
+                body={"comment": comment},
+                timeout_s=DECISION_TIMEOUT_S,
+            )
+            try:
+                dispatch = _dispatch(body)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ApiError(0, "", f"unexpected answer to {action}: {err!r}") from err
+            self._merge_dispatch(dispatch)
+            return dispatch
+        finally:
+            self._dispatches_dirty.set()
+
+    async def _command(self, point_id: str, body: Mapping[str, Any], wait_s: float) -> CommandOutcome:
+        answer = await self._request(
+            "POST",
+            f"/api/v1/points/{quote(point_id, safe='')}/commands",
+            body=body,
+            timeout_s=wait_s + REQUEST_TIMEOUT_S,
+        )
+        try:
+            return _outcome(answer)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ApiError(0, "", f"unexpected answer to the command: {err!r}") from err
+
     async def _history(
         self, point_id: str, span: timedelta, points: int
     ) -> list[tuple[datetime, float | None]]:
@@ -838,6 +1063,7 @@ class DataLayer:
                     backoff.reset()
                     self._publish(live=True)
                     await ws.send_json({"type": "subscribe_alarms"})
+                    await ws.send_json({"type": "subscribe", "topics": ["dispatches"]})
                     syncing = asyncio.create_task(self._sync_subscriptions(ws), name="cockpit-ws-sync")
                     try:
                         async for message in ws:
@@ -889,6 +1115,8 @@ class DataLayer:
             self._publish(alarms=tuple(_alarm(a) for a in frame.get("alarms", [])))
         elif kind == "alarms":
             self._alarms_dirty.set()
+        elif kind == "event" and frame.get("topic") == "dispatches":
+            self._dispatches_dirty.set()  # a command result: a dispatch may have changed state
         elif kind == "error":
             _LOGGER.warning("cockpit: the server refused a websocket message: %s", frame.get("detail"))
         elif isinstance(kind, str) and ("ledger" in kind or "quota" in kind):

@@ -22,7 +22,17 @@ import enum
 import math
 from datetime import datetime, tzinfo
 
-__all__ = ["NO_VALUE", "TEXT", "Lang", "format_date", "format_number", "format_time", "parse_lang", "t"]
+__all__ = [
+    "NO_VALUE",
+    "TEXT",
+    "Lang",
+    "format_date",
+    "format_number",
+    "format_time",
+    "parse_lang",
+    "t",
+    "t_or",
+]
 
 
 class Lang(enum.StrEnum):
@@ -64,11 +74,33 @@ TEXT: dict[str, tuple[str, str]] = {
     "dispatches": ("最新调度", "Latest dispatches"),
     "no_dispatches": ("暂无调度", "No dispatches yet"),
     "dispatch_queue": ("调度审批队列", "Dispatch queue"),
-    "dispatch_note": (
-        "调度器尚未提供接口; 审批与驳回将在其上线后启用。",
-        "The dispatcher has no API yet; approve and reject arrive with it.",
-    ),
     "cut_co2": ("减排 {value} tCO2e", "cut {value} t CO2"),
+    "expected_kw": ("预期削减 {value} kW", "expected {value} kW"),
+    "effect_pending": ("效果待核验", "effect to be verified"),
+    "no_waiting": ("无待审批调度", "Nothing awaiting approval"),
+    "decision_comment": ("审批意见", "Comment"),
+    "approve": ("批准", "Approve"),
+    "reject": ("驳回", "Reject"),
+    "dispatch_n": ("调度 #{id}", "Dispatch #{id}"),
+    "col_time": ("时间", "Time"),
+    "col_point": ("测点 → 设定值", "Point → value"),
+    "col_rule": ("规则 / 阶段", "Rule / stage"),
+    "col_expected": ("预期 kW", "Expected kW"),
+    "col_result": ("结果", "Result"),
+    "stage_n": ("阶段 {n}", "stage {n}"),
+    "readback": ("回读 {value}", "read back {value}"),
+    "attempts": ("{n} 次尝试", "{n} attempts"),
+    "decided_by": ("审批人 {who}", "by {who}"),
+    "dstate_advisory": ("仅建议", "advisory"),
+    "dstate_awaiting_approval": ("待审批", "awaiting approval"),
+    "dstate_approved": ("已批准", "approved"),
+    "dstate_rejected": ("已驳回", "rejected"),
+    "dstate_sending": ("下发中", "sending"),
+    "dstate_verified": ("已核验", "verified"),
+    "dstate_failed": ("失败", "failed"),
+    "dstate_reverting": ("恢复中", "reverting"),
+    "dstate_reverted": ("已恢复", "reverted"),
+    "dstate_revert_failed": ("恢复失败", "revert failed"),
     "no_data": ("暂无数据", "No data"),
     "offline": ("离线", "offline"),
     "online": ("在线", "online"),
@@ -105,10 +137,23 @@ TEXT: dict[str, tuple[str, str]] = {
     "action_failed": ("操作失败: {detail}", "Failed: {detail}"),
     "reason_required": ("请填写搁置原因", "Give a reason to shelve"),
     "manual_commands": ("手动指令", "Manual commands"),
-    "commands_note": (
-        "手动指令接口尚未开放 (请使用 scada command)。",
-        "Manual commands have no REST route yet (use scada command).",
-    ),
+    "select_writable": ("在层级中选择可写测点以下发指令", "Choose a writable point in the hierarchy"),
+    "read_only": ("该测点只读, 不能下发指令", "This point is read-only"),
+    "writable": ("可写", "writable"),
+    "command_value": ("设定值", "Value"),
+    "command_reason": ("原因 (选填)", "Reason (optional)"),
+    "send": ("下发…", "Send…"),
+    "confirm": ("确认下发", "Confirm"),
+    "cancel": ("取消", "Cancel"),
+    "confirm_write": ("确认将 {value} {unit} 写入 {point}?", "Write {value} {unit} to {point}?"),
+    "sending": ("下发中, 等待回读…", "Sending, waiting for the read-back…"),
+    "value_invalid": ("设定值: 请输入一个数字", "Value: enter a number"),
+    "cancelled": ("已取消, 未下发", "Cancelled, nothing sent"),
+    "cstatus_verified": ("已核验", "verified"),
+    "cstatus_mismatch": ("回读不一致", "read-back mismatch"),
+    "cstatus_rejected": ("设备拒绝", "rejected by the device"),
+    "cstatus_timeout": ("设备无应答", "timed out"),
+    "cstatus_failed": ("失败", "failed"),
     "view_carbon": ("碳排放", "Carbon"),
     "view_energy": ("能源", "Energy"),
     "view_operations": ("运行", "Operations"),
@@ -155,6 +200,15 @@ def t(key: str, lang: Lang | str, **values: object) -> str:
     zh, en = TEXT[key]
     text = en if lang == Lang.EN else zh
     return text.format(**values) if values else text
+
+
+def t_or(key: str, lang: Lang | str, fallback: str) -> str:
+    """Return the text of ``key`` in ``lang``, or ``fallback`` when there is none (a server's new state).
+
+    >>> t_or("dstate_verified", "en", "verified"), t_or("dstate_new_state", "en", "new_state")
+    ('verified', 'new_state')
+    """
+    return t(key, lang) if key in TEXT else fallback
 
 
 def format_number(value: float | None, digits: int = 1) -> str:

@@ -72,5 +72,12 @@ table.list td {{ padding: {px(5)} {px(6)}; border-bottom: 1px solid #13293a; ver
 .state-active_ack {{ color: {WARN}; }}
 .state-rtn_unack {{ color: #9fd3ff; }}
 .feedback-ok {{ color: {ACCENT}; }} .feedback-error {{ color: {DANGER}; }}
+.dstate-awaiting_approval {{ color: {WARN}; font-weight: 600; }}
+.dstate-verified, .dstate-reverted {{ color: {ACCENT}; }}
+.dstate-failed, .dstate-revert_failed {{ color: {DANGER}; font-weight: 600; }}
+.dstate-rejected, .dstate-advisory {{ color: {MUTED}; }}
+.dstate-sending, .dstate-approved, .dstate-reverting {{ color: #9fd3ff; }}
+table.list tr.sub td {{ color: {MUTED}; font-size: {px(13)}; padding-top: 0; }}
+table.list tr:has(+ tr.sub) td {{ border-bottom: none; }}
 .crumbs {{ font-size: {px(15)}; color: {MUTED}; }} .crumbs b {{ color: #fff; }}
 """

@@ -815,7 +815,15 @@ class OpcUaDriver:
         cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(timeout_s):
-                yield
+                try:
+                    yield
+                except asyncio.CancelledError as err:
+                    if type(err) is not asyncio.CancelledError:
+                        # asyncua's wait_for2 raises a subclass that carries a late answer; asyncio.timeout
+                        # turns only the exact type into TimeoutError, so a timeout would escape as a
+                        # cancellation of the caller.
+                        raise asyncio.CancelledError from None
+                    raise
         except DeviceError:
             raise
         except TimeoutError as err:

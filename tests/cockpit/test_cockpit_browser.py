@@ -3,7 +3,11 @@
 The server (every role) runs in-process on a free port; the cockpit is served by ``pn.serve`` in a
 thread; Debian's ``/usr/bin/chromium`` is driven by the PyPI ``playwright`` package (never
 ``playwright install``). Set ``CARBONOS_SCREENSHOTS=1`` to write docs/img/bigscreen-zh.png,
-bigscreen-en.png and cockpit.png.
+bigscreen-en.png, bigscreen-operations.png, cockpit.png and cockpit-command.png.
+
+Dispatches waiting for approval are submitted to the in-process server's dispatcher, as the
+controller's rules do; the operator decides in the browser and the simulated inverter must then hold
+the value.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import pytest
 from _auth_helpers import TEST_SECRET_KEY, admin_headers
 from aiohttp.test_utils import TestServer
 
+from control_engine.dispatcher import DispatchRequest
+from scada.api.dispatches import DISPATCHER
 from scada.app import create_app
 from scada.config import SiteConfig, parse_site
+from scada.model import NodeId, PointId
 from scada.services import Endpoints
 from scada.settings import Settings
 from simulators.plant import SimulatedPlant
@@ -41,6 +48,7 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = os.environ.get("CARBONOS_SCREENSHOTS") == "1"
 IMG_DIR = Path(__file__).resolve().parents[2] / "docs" / "img"
 PASSWORD = "cockpit-operator-pass-1"
+LIMIT = PointId("pv-1.power_limit_pct")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
 
@@ -76,6 +84,8 @@ devices:
      simulation: {{profile: flat, base_kw: 80, seed: 1}}}}
   - {{id: pv-1, name: 屋顶光伏 Roof PV, node: ws-w, kind: pv_inverter, protocol: modbus_tcp, template: pv,
      poll_period_s: 0.5, modbus: {{host: 127.0.0.1, port: {port}, unit_id: 2, timeout_s: 0.5}},
+     points: [{{key: power_limit_pct, name: 功率限值 Power limit, kind: setpoint, unit: "%", writable: true,
+                modbus: {{address: 100, type: uint16}}}}],
      simulation: {{profile: pv, peak_kw: 120, seed: 3}}}}
   - {{id: bat-1, name: 储能 Battery, node: ws-w, kind: battery, protocol: modbus_tcp, poll_period_s: 0.5,
      modbus: {{host: 127.0.0.1, port: {port}, unit_id: 3, timeout_s: 0.5}},
@@ -127,7 +137,7 @@ async def plant(site: SiteConfig) -> AsyncIterator[SimulatedPlant]:
 
 
 @pytest.fixture
-async def api_url(
+async def server(
     site: SiteConfig,
     plant: SimulatedPlant,
     pg_url: str,
@@ -135,8 +145,8 @@ async def api_url(
     mqtt_url: str,
     stream_prefix: str,
     redis_client: Any,
-) -> AsyncIterator[str]:
-    """The server with every role (the analytics role takes alarm actions) on a real port."""
+) -> AsyncIterator[TestServer]:
+    """The server with every role on a real port: API, gateway (writes) and analytics (alarms, dispatcher)."""
     del plant, redis_client  # started first; redis_client deletes this test's keys afterwards
     settings = Settings(
         stream_prefix=stream_prefix,
@@ -144,12 +154,17 @@ async def api_url(
         bootstrap_admin=f"cockpit-test:operator:{PASSWORD}",
     )
     endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
-    server = TestServer(create_app(site, settings, endpoints), host="127.0.0.1", port=_free_port())
-    await server.start_server()
+    test_server = TestServer(create_app(site, settings, endpoints), host="127.0.0.1", port=_free_port())
+    await test_server.start_server()
     try:
-        yield f"http://127.0.0.1:{server.port}"
+        yield test_server
     finally:
-        await server.close()
+        await test_server.close()
+
+
+@pytest.fixture
+def api_url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
 
 
 @pytest.fixture
@@ -229,13 +244,40 @@ async def test_big_screen_shows_a_simulator_change_within_two_seconds(
     assert "No dispatches yet" in await empty.inner_text()
 
 
-async def test_operator_signs_in_and_acknowledges_an_alarm(cockpit_url: str, browser: Any) -> None:
-    page = await browser.new_page(viewport={"width": 1700, "height": 1000})
+async def _signed_in(browser: Any, cockpit_url: str) -> Any:
+    page = await browser.new_page(viewport={"width": 1920, "height": 1080})
     await page.goto(f"{cockpit_url}/cockpit?lang=zh")
     await page.locator(".login-tenant input").fill("cockpit-test")
     await page.locator(".login-user input").fill("operator")
     await page.locator(".login-password input").fill(PASSWORD)
     await page.locator(".login-button button").click()
+    return page
+
+
+async def _drill_down(page: Any, labels: tuple[str, ...]) -> None:
+    children = page.locator(".tree-children select")
+    for label in labels:
+        await eventually(lambda label=label: _has_label(children, label))
+        await children.select_option(label=label)
+
+
+TO_THE_FEEDER = (
+    "集团 · 测试集团 Test group",
+    "园区 · 测试园区 Test park",
+    "企业 · 东方精工 East Works",
+    "设备 · 总进线 Incoming feeder",
+)
+TO_THE_INVERTER = (
+    "集团 · 测试集团 Test group",
+    "园区 · 测试园区 Test park",
+    "企业 · 东方精工 East Works",
+    "车间 · 装配车间 Assembly",
+    "设备 · 屋顶光伏 Roof PV",
+)
+
+
+async def test_operator_signs_in_and_acknowledges_an_alarm(cockpit_url: str, browser: Any) -> None:
+    page = await _signed_in(browser, cockpit_url)
 
     row = page.locator('tr[data-alarm="meter-gone:offline"]')
     await row.wait_for(timeout=20_000)
@@ -252,20 +294,134 @@ async def test_operator_signs_in_and_acknowledges_an_alarm(cockpit_url: str, bro
     assert "cannot acknowledge" in await page.locator("[data-feedback]").inner_text()
 
     # Drill down: group -> park -> enterprise -> the feeder -> its power trend.
-    children = page.locator(".tree-children select")
-    for label in (
-        "集团 · 测试集团 Test group",
-        "园区 · 测试园区 Test park",
-        "企业 · 东方精工 East Works",
-        "设备 · 总进线 Incoming feeder",
-        "测点 · 有功功率 Active power",
-    ):
-        await eventually(lambda label=label: _has_label(children, label))
-        await children.select_option(label=label)
+    await _drill_down(page, (*TO_THE_FEEDER, "测点 · 有功功率 Active power"))
     await eventually(lambda: page.locator('tr[data-point="meter-1.active_power_kw"]').count())
+    await page.locator('[data-command-note="read_only"]').wait_for(timeout=5_000)  # no command box
+    assert not await page.locator(".command-send button").is_visible()
+
+
+async def test_operator_approves_and_rejects_dispatches(
+    server: TestServer,
+    api_url: str,
+    site: SiteConfig,
+    cockpit_url: str,
+    browser: Any,
+    plant: SimulatedPlant,
+) -> None:
+    dispatcher = server.app[DISPATCHER]
+
+    async def waiting(value: float, reason: str, stage: int, expected_kw: float) -> int:
+        dispatch = await dispatcher.submit(
+            DispatchRequest(
+                node=NodeId("ws-w"),
+                point=LIMIT,
+                value=value,
+                reason=reason,
+                rule_id="curtail-pv",
+                stage=stage,
+                needs_approval=True,
+                expected_kw=expected_kw,
+            )
+        )
+        return dispatch.id
+
+    approved = await waiting(35, "stage 4: curtail PV export", 4, 40.0)
+    rejected = await waiting(10, "stage 4: deeper curtailment", 4, 70.0)
+    left = await waiting(60, "stage 2: cap PV output", 2, 25.0)
+    page = await _signed_in(browser, cockpit_url)
+    row = page.locator(f'tr[data-dispatch="{approved}"]')
+    await row.wait_for(timeout=20_000)
+    assert await row.get_attribute("data-state") == "awaiting_approval"
+    assert "curtail-pv" in await row.inner_text()
+
+    await _choose_dispatch(page, approved)
+    await page.locator(".dispatch-comment input").fill("同意, 限发一小时")
+    await page.locator(".dispatch-approve button").click()
+    feedback = page.locator("[data-dispatch-feedback]")
+    await eventually(lambda: _state_is(row, "verified"), timeout_s=20)
+    await eventually(lambda: _attribute_is(feedback, "data-dispatch-feedback", "verified"), timeout_s=5)
+    assert "已核验" in await feedback.inner_text()
+    assert plant.device("pv-1").value("power_limit_pct") == 35
+    assert "回读 35" in await page.locator(f'tr[data-dispatch="{approved}"] + tr').inner_text()
+
+    await _choose_dispatch(page, rejected)
+    await page.locator(".dispatch-comment input").fill("交接班期间不限发")
+    await page.locator(".dispatch-reject button").click()
+    await eventually(lambda: _state_is(page.locator(f'tr[data-dispatch="{rejected}"]'), "rejected"))
+    assert plant.device("pv-1").value("power_limit_pct") == 35  # a rejected dispatch is never sent
+    stored = await dispatcher.store.get(rejected)
+    assert stored is not None
+    assert (stored.decided_by, stored.decision_comment) == ("operator", "交接班期间不限发")
+    assert await page.locator(f'tr[data-dispatch="{left}"]').get_attribute("data-state") == (
+        "awaiting_approval"
+    )
     if SCREENSHOTS:
-        await asyncio.sleep(1.5)
         await page.screenshot(path=str(IMG_DIR / "cockpit.png"))
+
+    # The wall's operations view lists the real dispatches, with the expected (not a measured) effect.
+    wall = await browser.new_page(viewport={"width": 1920, "height": 1080})
+    token = await _kiosk_token(api_url, site)
+    await wall.goto(f"{cockpit_url}/bigscreen?token={token}&lang=zh&view=operations&rotate=600")
+    shown = wall.locator(f'tr[data-dispatch="{approved}"]')
+    await shown.wait_for(timeout=15_000)
+    assert await shown.get_attribute("data-state") == "verified"
+    effect = shown.locator("[data-effect]")
+    assert await effect.get_attribute("data-effect") == "pending"
+    assert await effect.inner_text() == "预期削减 40.0 kW · 效果待核验"
+    assert await wall.locator(f'tr[data-dispatch="{left}"]').get_attribute("data-state") == (
+        "awaiting_approval"
+    )
+    if SCREENSHOTS:
+        await eventually(lambda: _number(wall.locator('[data-kpi="power-ent-e"] .kpi-value')))
+        await wall.screenshot(path=str(IMG_DIR / "bigscreen-operations.png"))
+
+
+async def test_operator_sends_a_manual_command_with_confirmation(
+    cockpit_url: str, browser: Any, plant: SimulatedPlant
+) -> None:
+    page = await _signed_in(browser, cockpit_url)
+    await _drill_down(page, (*TO_THE_INVERTER, "测点 · 功率限值 Power limit"))
+    await page.locator('[data-command-point="pv-1.power_limit_pct"]').wait_for(timeout=10_000)
+    status = page.locator("[data-command-status]")
+    value, send = page.locator(".command-value input"), page.locator(".command-send button")
+
+    await value.fill("forty")
+    await send.click()
+    await eventually(lambda: _attribute_is(status, "data-command-status", "invalid"), timeout_s=5)
+
+    before = plant.device("pv-1").value("power_limit_pct")
+    await value.fill("42")
+    await page.locator(".command-reason input").fill("试验限发")
+    await send.click()
+    question = page.locator('[data-confirm="pv-1.power_limit_pct"]')
+    await question.wait_for(state="visible", timeout=5_000)
+    assert "确认将 42 % 写入 屋顶光伏 Roof PV · 功率限值 Power limit" in await question.inner_text()
+    await page.locator(".command-cancel button").click()
+    await eventually(lambda: _attribute_is(status, "data-command-status", "cancelled"), timeout_s=5)
+    assert plant.device("pv-1").value("power_limit_pct") == before
+
+    await send.click()
+    await question.wait_for(state="visible", timeout=5_000)
+    if SCREENSHOTS:
+        await page.screenshot(path=str(IMG_DIR / "cockpit-command.png"))
+    await page.locator(".command-confirm button").click()
+    await eventually(lambda: _attribute_is(status, "data-command-status", "verified"), timeout_s=20)
+    assert "回读 42" in await status.inner_text()
+    assert plant.device("pv-1").value("power_limit_pct") == 42
+
+
+async def _choose_dispatch(page: Any, dispatch_id: int) -> None:
+    select = page.locator(".dispatch-select select")
+
+    async def label() -> str | None:
+        texts = await select.locator("option").all_inner_texts()
+        return next((text for text in texts if text.startswith(f"#{dispatch_id} ")), None)
+
+    await select.select_option(label=await eventually(label))
+
+
+async def _attribute_is(locator: Any, name: str, value: str) -> bool:
+    return await locator.count() > 0 and await locator.first.get_attribute(name) == value
 
 
 async def _number(locator: Any) -> bool:

@@ -7,18 +7,22 @@ from types import MappingProxyType
 
 import pytest
 
-from cockpit.bigscreen import Layout, banner_order, gauge_svg
+from cockpit.bigscreen import Layout, banner_order, dispatch_effect, gauge_svg
 from cockpit.data import (
     AlarmView,
     Device,
+    DispatchView,
     Forecast,
     Node,
     PointInfo,
     QuotaView,
     Sample,
     Snapshot,
+    _dispatch,
+    dispatch_order,
     feeder_points,
     node_power_kw,
+    point_label,
     screen_points,
     storage_status,
     top_emitters,
@@ -214,3 +218,62 @@ def test_layouts_and_formats() -> None:
 def test_every_text_has_both_languages() -> None:
     missing = [key for key, (zh, en) in TEXT.items() if not zh.strip() or not en.strip()]
     assert missing == []
+
+
+def _dispatch_json(dispatch_id: int, state: str, **extra: object) -> dict[str, object]:
+    """A dispatch as ``Dispatch.to_json`` of control_engine/dispatcher.py writes it."""
+    return {
+        "id": dispatch_id,
+        "created_at": "2026-11-21T04:30:00+00:00",
+        "node": "ws-a2",
+        "point": "pv.power_limit_pct",
+        "value": 35.0,
+        "reason": "stage 4: curtail PV export",
+        "rule_id": "curtail-pv",
+        "stage": 4,
+        "priority": 30,
+        "mode": "approve",
+        "state": state,
+        "hold_until": None,
+        "previous_value": None,
+        "correlation_id": None,
+        "result": None,
+        "decided_by": None,
+        "decision_comment": "",
+        "expected_kw": 40.0,
+        **extra,
+    }
+
+
+def test_the_dispatch_queue_puts_waiting_ones_first_oldest_first() -> None:
+    dispatches = [
+        _dispatch(_dispatch_json(1, "verified", result={"status": "verified", "readback": 35.0})),
+        _dispatch(_dispatch_json(2, "awaiting_approval")),
+        _dispatch(_dispatch_json(3, "rejected", decided_by="op", decision_comment="not now")),
+        _dispatch(_dispatch_json(4, "awaiting_approval", hold_until="2026-11-21T05:30:00+00:00")),
+        _dispatch(_dispatch_json(5, "failed")),
+    ]
+    assert [d.id for d in dispatch_order(dispatches)] == [2, 4, 5, 3, 1]
+    first = dispatches[0]
+    assert first.result is not None
+    assert (first.result["readback"], first.created_at, first.expected_kw) == (35.0, NOW, 40.0)
+    assert dispatches[3].hold_until == NOW + timedelta(hours=1)
+    assert [d.waiting for d in dispatches] == [False, True, False, True, False]
+
+
+def test_a_wall_claims_a_cut_only_when_the_effect_was_measured() -> None:
+    expected = _dispatch(_dispatch_json(1, "verified"))
+    unknown = _dispatch(_dispatch_json(2, "verified", expected_kw=None))
+    measured = _dispatch(_dispatch_json(3, "verified", co2e_avoided_kg=1250.0))
+    assert isinstance(measured, DispatchView)
+    assert measured.co2e_avoided_t == 1.25
+    assert dispatch_effect(expected, Lang.EN) == "expected 40.0 kW · effect to be verified"
+    assert dispatch_effect(expected, Lang.ZH) == "预期削减 40.0 kW · 效果待核验"
+    assert dispatch_effect(unknown, Lang.EN) == "effect to be verified"
+    assert dispatch_effect(measured, Lang.EN) == "cut 1.25 t CO2"
+
+
+def test_point_labels_name_device_and_point() -> None:
+    snap = _snapshot({})
+    assert point_label(snap, "bat.soc_pct") == "bat · soc_pct"
+    assert point_label(snap, "gone.power") == "gone.power"
