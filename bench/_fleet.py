@@ -6,9 +6,17 @@ The benches run as scripts (``python bench/x.py``), so this module is imported a
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
+import subprocess
+import time
+import urllib.request
+import uuid
 from collections.abc import Sequence
+
+import asyncpg
+import redis.asyncio as aioredis
 
 UNITS_PER_PORT = 200
 """Meters behind one simulated gateway port (unit ids 1..200), as RS-485 gateways serve them."""
@@ -65,3 +73,50 @@ hierarchy: [{id: g, name: G, level: group, children: [{id: p, name: P, level: pa
   {id: e, name: E, level: enterprise, children: [{id: w, name: W, level: workshop}]}]}]}]
 """
 """One of each level; every bench meter hangs on workshop ``w``."""
+
+
+BENCH_ADMIN_DB_URL = os.environ.get(
+    "SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+BENCH_REDIS_URL = os.environ.get("SCADA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def create_scratch_database(prefix: str) -> tuple[str, str]:
+    """Create an empty database ``<prefix>_<random>`` on the local PostgreSQL; return (name, URL)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(BENCH_ADMIN_DB_URL, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return name, BENCH_ADMIN_DB_URL.rpartition("/")[0] + "/" + name
+
+
+async def drop_scratch(name: str, stream_prefix: str) -> None:
+    """Drop a scratch database and every Redis key of a stream prefix."""
+    admin = await asyncpg.connect(BENCH_ADMIN_DB_URL, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    redis = aioredis.Redis.from_url(BENCH_REDIS_URL, socket_timeout=10)
+    keys = [key async for key in redis.scan_iter(match=f"{stream_prefix}*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
+    """Wait until ``scada run`` answers /api/v1/health; exit if it dies or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"scada run exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{base}/api/v1/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit("scada run did not answer /api/v1/health in time")

@@ -32,14 +32,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import redis.asyncio as aioredis
-from _fleet import HIERARCHY_YAML, free_port
+from _fleet import HIERARCHY_YAML, create_scratch_database, drop_scratch, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "scada"))
@@ -105,20 +102,6 @@ def http_json(
         return status, None
 
 
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"scada run exited with {proc.returncode} before it was ready")
-        try:
-            if http_json("GET", f"{base}/api/v1/health")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("scada run did not answer /api/v1/health in time")
-
-
 def login(base: str) -> tuple[dict[str, str], str]:
     """Return request headers with credentials and how they were obtained."""
     tenant, username, password = ADMIN
@@ -179,29 +162,6 @@ def known_values(base: str, headers: dict[str, str]) -> dict[str, list[str]]:
     }
 
 
-async def create_database() -> tuple[str, str]:
-    name = f"scada_fuzz_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return name, ADMIN_DB_URL.rpartition("/")[0] + "/" + name
-
-
-async def drop_database_and_keys(name: str, prefix: str) -> None:
-    admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--examples", type=int, default=100, help="cases per operation and mode")
@@ -210,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="scada-fuzz-"))
-    db_name, db_url = asyncio.run(create_database())
+    db_name, db_url = asyncio.run(create_scratch_database("scada_fuzz"))
     prefix = f"fuzz-{db_name}:"
     http_port = free_port()
     site = SITE_YAML.replace("{meter_port}", str(free_port())).replace("{gas_port}", str(free_port()))
@@ -258,7 +218,7 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
         server_log = log_path.read_text("utf-8", errors="replace")
-        asyncio.run(drop_database_and_keys(db_name, prefix))
+        asyncio.run(drop_scratch(db_name, prefix))
         shutil.rmtree(workdir, ignore_errors=True)
     print_report(report, auth=auth, spec_origin=spec_origin, server_log=server_log)
     result = {

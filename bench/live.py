@@ -22,28 +22,24 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import psutil
 import redis.asyncio as aioredis
+from _fleet import BENCH_REDIS_URL, create_scratch_database, drop_scratch, free_port, wait_healthy
 
 from scada.model import PointId, Reading
 from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
 from streams.codec import encode_readings
 
-ADMIN_DB_URL = os.environ.get("SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCADA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = BENCH_REDIS_URL
 SECRET_KEY = "bench-live-signing-key-" + "k" * 32
 DEVICES, POINTS_PER_DEVICE = 1_000, 10
 POINTS_PER_CLIENT = 100
@@ -101,13 +97,6 @@ def mint_token() -> str:
         tenant_nodes=frozenset({"grp"}),
     )
     return TokenSigner(SECRET_KEY.encode()).issue(principal)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,44 +268,6 @@ def run_phase(
 # Set-up
 
 
-async def create_database() -> tuple[str, str]:
-    name = f"scada_live_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return name, ADMIN_DB_URL.rpartition("/")[0] + "/" + name
-
-
-async def drop_database_and_keys(name: str, prefix: str) -> None:
-    admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"scada run exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{base}/api/v1/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("scada run did not answer /api/v1/health in time")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--clients", type=int, default=1_000)
@@ -326,7 +277,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="scada-live-"))
-    db_name, db_url = asyncio.run(create_database())
+    db_name, db_url = asyncio.run(create_scratch_database("scada_live"))
     prefix = f"live-{db_name}:"
     http_port = free_port()
     (workdir / "site.yaml").write_text(site_yaml(), "utf-8")
@@ -368,7 +319,7 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
         server_log = log_path.read_text("utf-8", errors="replace")
-        asyncio.run(drop_database_and_keys(db_name, prefix))
+        asyncio.run(drop_scratch(db_name, prefix))
         shutil.rmtree(workdir, ignore_errors=True)
     if "Traceback" in server_log:
         print(server_log[-3000:], file=sys.stderr)

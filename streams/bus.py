@@ -155,6 +155,8 @@ class RedisReadingSink:
         self._backoff = backoff or Backoff()
         self._clock: Clock = clock or SystemClock()
         self._rows: deque[str] = deque(maxlen=max_buffered)  # encoded rows, oldest on the left
+        self._in_flight = 0
+        """Readings taken by a flush that has not finished (put back if it fails)."""
         self._events: deque[dict[bytes, bytes]] = deque(maxlen=max_buffered_events)
         self._deadletter_key, self._deadletter_maxlen = deadletter_key, deadletter_maxlen
         self._dead: deque[dict[bytes, bytes]] = deque(maxlen=max_buffered_rejects)
@@ -173,8 +175,8 @@ class RedisReadingSink:
 
     @property
     def buffered(self) -> int:
-        """Return how many readings wait for Redis."""
-        return len(self._rows)
+        """Return how many readings wait for Redis (those of a flush in progress included)."""
+        return len(self._rows) + self._in_flight
 
     async def publish(self, readings: Sequence[Reading]) -> None:
         """Buffer a batch for the flusher; never waits for Redis."""
@@ -281,6 +283,7 @@ class RedisReadingSink:
         count = min(len(self._rows), self._entry_readings * self._entries_per_flush)
         rows = [self._rows.popleft() for _ in range(count)]
         dead = [self._dead.popleft() for _ in range(min(len(self._dead), self._entries_per_flush))]
+        self._in_flight = count
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for fields in dead:
@@ -302,9 +305,11 @@ class RedisReadingSink:
         except BaseException:
             # Put the batch back in front (a partly applied pipeline may deliver some entries
             # twice, which at-least-once consumers tolerate); on cancel, close() counts them.
+            self._in_flight = 0
             self._requeue(events, rows)
             self._dead.extendleft(reversed(dead[: (self._dead.maxlen or 0) - len(self._dead)]))
             raise
+        self._in_flight = 0
         self.sent_total += count
         if self._shedding and len(self._rows) <= (self._rows.maxlen or 0) // 2:
             self._shedding = False
