@@ -237,6 +237,9 @@ def compute_kpis_by_console(
     events: Iterable[AlarmEvent], *, start: Instant, end: Instant, **options: Any
 ) -> dict[str, AlarmKpis]:
     """Return :func:`compute_kpis` for every console that appears in ``events``."""
-    history = list(events)
-    consoles = sorted({e.console for e in history})
-    return {c: compute_kpis(history, console=c, start=start, end=end, **options) for c in consoles}
+    by_console: dict[str, list[AlarmEvent]] = {}
+    for event in events:  # one pass, not one pass over every event per console
+        by_console.setdefault(event.console, []).append(event)
+    return {
+        c: compute_kpis(by_console[c], console=c, start=start, end=end, **options) for c in sorted(by_console)
+    }

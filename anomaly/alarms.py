@@ -35,9 +35,7 @@ from typing import Any
 from scada.model import ConfigError, DecodeError, NotFound
 
 from .alarm_model import (
-    DEFAULT_MESSAGE,
     AlarmDefinition,
-    AlarmError,
     AlarmEvent,
     AlarmInputError,
     AlarmPriority,
@@ -46,7 +44,6 @@ from .alarm_model import (
     AlarmStatus,
     ChatterPolicy,
     ConditionKind,
-    DeadbandUnit,
     EventCause,
     Instant,
     from_epoch_s,
@@ -54,28 +51,15 @@ from .alarm_model import (
 )
 from .flood import ConsoleFlood, FloodInterval, FloodPolicy
 
+# The vocabulary (definitions, events, states, errors) lives in anomaly.alarm_model: import it from
+# there. AlarmEvent, AlarmInputError, AlarmPriority and AlarmStateError are re-exported here only
+# because scada/app.py and scada/api/alarms.py still import them from this module.
 __all__ = [
-    "DEFAULT_MESSAGE",
     "SNAPSHOT_VERSION",
     "SYSTEM_USER",
-    "AlarmDefinition",
     "AlarmEngine",
-    "AlarmError",
-    "AlarmEvent",
-    "AlarmInputError",
-    "AlarmPriority",
-    "AlarmState",
-    "AlarmStateError",
-    "AlarmStatus",
-    "ChatterPolicy",
-    "ConditionKind",
     "ConsoleLine",
     "ConsoleView",
-    "DeadbandUnit",
-    "EventCause",
-    "FloodInterval",
-    "FloodPolicy",
-    "Instant",
 ]
 
 SYSTEM_USER = "system"
@@ -350,15 +334,6 @@ class AlarmEngine:
     def definitions(self) -> tuple[AlarmDefinition, ...]:
         """Return the configured alarms in definition order."""
         return tuple(rt.definition for rt in self._alarms.values())
-
-    @property
-    def consoles(self) -> tuple[str, ...]:
-        """Return the consoles the alarms annunciate on."""
-        return tuple(self._consoles)
-
-    def alarms_for_point(self, point: str) -> tuple[str, ...]:
-        """Return the ids of the alarms watching a point (empty when none)."""
-        return tuple(rt.definition.id for rt in self._by_point.get(point, ()))
 
     def status(self, alarm_id: str) -> AlarmStatus:
         """Return the current status of one alarm; :class:`NotFound` for an unknown id."""

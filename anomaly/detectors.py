@@ -56,7 +56,16 @@ from .profile import (
     validate_timezone,
     validate_weekday_profiles,
 )
-from .scoring import AnomalyLikelihood, ExcessEnergy
+from .scoring import (
+    STATE_VERSION,
+    AnomalyLikelihood,
+    ExcessEnergy,
+    StuckRun,
+    is_finite_number,
+    nan_if_none,
+    none_if_nan,
+    spec_error,
+)
 
 __all__ = [
     "DETECTOR_KINDS",
@@ -75,8 +84,6 @@ __all__ = [
     "build_detector",
     "detector_from_state",
 ]
-
-STATE_VERSION = 1
 
 
 @runtime_checkable
@@ -149,12 +156,22 @@ class _Base:
         return math.nan
 
 
+class _Check(_Base):
+    """A plain check: it follows every row (learning is bookkeeping, not a model of normal)."""
+
+    def update(self, ts_s: float, value: float) -> float:
+        """Score, then always take the row in."""
+        score = self.score_one(ts_s, value)
+        self.learn_one(ts_s, value)
+        return score
+
+
 # ------------------------------------------------------------------------------------------------
 # Plain checks
 # ------------------------------------------------------------------------------------------------
 
 
-class LimitCheck(_Base):
+class LimitCheck(_Check):
     """HH/H/L/LL limits: 1.0 beyond HH or LL, 0.75 beyond H or L, else 0.
 
     Examples
@@ -199,10 +216,6 @@ class LimitCheck(_Base):
     def learn_one(self, ts_s: float, value: float) -> None:
         """Limits do not learn."""
 
-    def update(self, ts_s: float, value: float) -> float:
-        """Score only: limits have nothing to learn."""
-        return self.score_one(ts_s, value)
-
     def to_state(self) -> dict[str, Any]:
         """Parameters only."""
         return _state_header(
@@ -218,7 +231,7 @@ class LimitCheck(_Base):
 _LIMIT_SCORES = {"": 0.0, "H": 0.75, "L": 0.75, "HH": 1.0, "LL": 1.0}
 
 
-class RateOfChangeCheck(_Base):
+class RateOfChangeCheck(_Check):
     """Absolute rate of change against ``max_rate_per_s``: 0.5 at the limit, 1.0 at twice the limit.
 
     It always tracks the previous reading (a rate needs two consecutive rows), also while violated.
@@ -250,35 +263,21 @@ class RateOfChangeCheck(_Base):
         """Remember the row as the previous one."""
         self._last_ts_s, self._last_value = ts_s, value
 
-    def update(self, ts_s: float, value: float) -> float:
-        """Score, then always remember the row."""
-        score = self.score_one(ts_s, value)
-        self.learn_one(ts_s, value)
-        return score
-
     def to_state(self) -> dict[str, Any]:
         """Parameters and the previous row."""
         state = _state_header(self.kind, {"max_rate_per_s": self.max_rate_per_s, "threshold": self.threshold})
-        state["last"] = _finite_or_none(self._last_ts_s), _finite_or_none(self._last_value)
+        state["last"] = none_if_nan(self._last_ts_s), none_if_nan(self._last_value)
         return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> RateOfChangeCheck:
         """Rebuild from :meth:`to_state` output."""
         det = cls(**state["params"])
-        det._last_ts_s, det._last_value = (_nan_if_none(v) for v in state["last"])
+        det._last_ts_s, det._last_value = (nan_if_none(v) for v in state["last"])
         return det
 
 
-def _finite_or_none(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-def _nan_if_none(x: float | None) -> float:
-    return math.nan if x is None else float(x)
-
-
-class FlatlineCheck(_Base):
+class FlatlineCheck(_Check):
     """Stuck sensor: the value stayed within ``tolerance`` of where a run began for ``stuck_s``.
 
     Scores ``0.5 * run_s / stuck_s`` (so 0.5 when stuck for exactly ``stuck_s``), capped at 1.
@@ -297,43 +296,33 @@ class FlatlineCheck(_Base):
 
     def __init__(self, *, stuck_s: float, tolerance: float = 0.0, threshold: float = 0.5) -> None:
         self.stuck_s, self.tolerance, self.threshold = stuck_s, tolerance, threshold
-        self._run_start_s = math.nan
-        self._run_value = math.nan
+        self._run = StuckRun(stuck_s=stuck_s, tolerance=tolerance)
 
     def score_one(self, ts_s: float, value: float) -> float:
         """Score the length of the current run including this row."""
-        if not abs(value - self._run_value) <= self.tolerance:
-            return 0.0
-        return _clip01(0.5 * (ts_s - self._run_start_s) / self.stuck_s)
+        return self._run.score(ts_s, value)
 
     def learn_one(self, ts_s: float, value: float) -> None:
-        """Extend the run or start a new one."""
-        if not abs(value - self._run_value) <= self.tolerance:
-            self._run_start_s, self._run_value = ts_s, value
-
-    def update(self, ts_s: float, value: float) -> float:
-        """Score, then always follow the run (a stuck value is a fact, not something learned)."""
-        score = self.score_one(ts_s, value)
-        self.learn_one(ts_s, value)
-        return score
+        """Extend the run or start a new one (a stuck value is a fact, not something learned)."""
+        self._run.follow(ts_s, value)
 
     def to_state(self) -> dict[str, Any]:
         """Parameters and the current run."""
         state = _state_header(
             self.kind, {"stuck_s": self.stuck_s, "tolerance": self.tolerance, "threshold": self.threshold}
         )
-        state["run"] = _finite_or_none(self._run_start_s), _finite_or_none(self._run_value)
+        state["run"] = self._run.to_state()
         return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> FlatlineCheck:
         """Rebuild from :meth:`to_state` output."""
         det = cls(**state["params"])
-        det._run_start_s, det._run_value = (_nan_if_none(v) for v in state["run"])
+        det._run.load(state["run"])
         return det
 
 
-class NoDataCheck(_Base):
+class NoDataCheck(_Check):
     """Too long without a reading: ``0.5 * gap_s / max_gap_s``, capped at 1.
 
     Per row it scores the gap that just ended; a timer in the wiring calls :meth:`silence_score`
@@ -368,23 +357,17 @@ class NoDataCheck(_Base):
         if not math.isnan(value):
             self._last_ts_s = ts_s
 
-    def update(self, ts_s: float, value: float) -> float:
-        """Score, then always remember the reading."""
-        score = self.score_one(ts_s, value)
-        self.learn_one(ts_s, value)
-        return score
-
     def to_state(self) -> dict[str, Any]:
         """Parameters and the last reading time."""
         state = _state_header(self.kind, {"max_gap_s": self.max_gap_s, "threshold": self.threshold})
-        state["last_ts_s"] = _finite_or_none(self._last_ts_s)
+        state["last_ts_s"] = none_if_nan(self._last_ts_s)
         return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> NoDataCheck:
         """Rebuild from :meth:`to_state` output."""
         det = cls(**state["params"])
-        det._last_ts_s = _nan_if_none(state["last_ts_s"])
+        det._last_ts_s = nan_if_none(state["last_ts_s"])
         return det
 
 
@@ -635,7 +618,7 @@ class ForecastResidual(_Base):
         state = _state_header(self.kind, self.params)
         state["model_pickle_b64"] = _pickle_b64(self._model)
         state["spread"] = [self._spread.mean, self._spread.var, self._spread.n]
-        state["n"], state["last_value"] = self._n, _finite_or_none(self._last_value)
+        state["n"], state["last_value"] = self._n, none_if_nan(self._last_value)
         state["skipped"] = self._skipped
         return state
 
@@ -645,7 +628,7 @@ class ForecastResidual(_Base):
         det = cls(**state["params"])
         det._model = _unpickle_b64(state["model_pickle_b64"])
         det._spread.mean, det._spread.var, det._spread.n = state["spread"]
-        det._n, det._last_value = int(state["n"]), _nan_if_none(state["last_value"])
+        det._n, det._last_value = int(state["n"]), nan_if_none(state["last_value"])
         det._skipped = int(state["skipped"])
         return det
 
@@ -737,7 +720,7 @@ class HalfSpaceTreesDetector(_Base):
         state = _state_header(self.kind, self.params)
         state["model_pickle_b64"] = _pickle_b64((self._scaler, self._model))
         state["n"] = self._n
-        state["trackers"] = _finite_or_none(self._last_value), _finite_or_none(self._ewm)
+        state["trackers"] = none_if_nan(self._last_value), none_if_nan(self._ewm)
         return state
 
     @classmethod
@@ -746,7 +729,7 @@ class HalfSpaceTreesDetector(_Base):
         det = cls(**state["params"])
         det._scaler, det._model = _unpickle_b64(state["model_pickle_b64"])
         det._n = int(state["n"])
-        det._last_value, det._ewm = (_nan_if_none(v) for v in state["trackers"])
+        det._last_value, det._ewm = (nan_if_none(v) for v in state["trackers"])
         return det
 
 
@@ -986,7 +969,7 @@ class EnsembleDetector:
             level=self._level,
             level_var=self._level_var,
             mean_step=self._mean_step,
-            prev=_finite_or_none(self._prev),
+            prev=none_if_nan(self._prev),
             extremes=[
                 None if math.isinf(self._max) else self._max,
                 None if math.isinf(self._min) else self._min,
@@ -1011,7 +994,7 @@ class EnsembleDetector:
         det._hist_total = sum(det._hist.values())
         det._level, det._level_var = float(state["level"]), float(state["level_var"])
         det._mean_step = float(state["mean_step"])
-        det._prev = _nan_if_none(state["prev"])
+        det._prev = nan_if_none(state["prev"])
         hi, lo = state["extremes"]
         det._max = -math.inf if hi is None else float(hi)
         det._min = math.inf if lo is None else float(lo)
@@ -1027,37 +1010,29 @@ class EnsembleDetector:
 _Validator = Callable[[str, Any], Any]
 
 
-def _bad(name: str, must: str, value: Any) -> ValueError:
-    return ValueError(f"detector spec field {name!r}: must be {must}, got {value!r}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _pos_float(name: str, value: Any) -> float:
-    if not _number(value) or value <= 0:
-        raise _bad(name, "a finite number > 0", value)
+    if not is_finite_number(value) or value <= 0:
+        raise spec_error(name, "a finite number > 0", value)
     return float(value)
 
 
 def _nonneg_float(name: str, value: Any) -> float:
-    if not _number(value) or value < 0:
-        raise _bad(name, "a finite number >= 0", value)
+    if not is_finite_number(value) or value < 0:
+        raise spec_error(name, "a finite number >= 0", value)
     return float(value)
 
 
 def _unit_float(name: str, value: Any) -> float:
-    if not _number(value) or not 0 < value <= 1:
-        raise _bad(name, "a number in (0, 1]", value)
+    if not is_finite_number(value) or not 0 < value <= 1:
+        raise spec_error(name, "a number in (0, 1]", value)
     return float(value)
 
 
 def _opt_float(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if not _number(value):
-        raise _bad(name, "a finite number or null", value)
+    if not is_finite_number(value):
+        raise spec_error(name, "a finite number or null", value)
     return float(value)
 
 
@@ -1067,25 +1042,25 @@ def _opt_unit_float(name: str, value: Any) -> float | None:
 
 def _pos_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _bad(name, "an integer >= 1", value)
+        raise spec_error(name, "an integer >= 1", value)
     return value
 
 
 def _nonneg_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(name, "an integer >= 0", value)
+        raise spec_error(name, "an integer >= 0", value)
     return value
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or not value:
-        raise _bad(name, "a non-empty list of integers >= 1", value)
+        raise spec_error(name, "a non-empty list of integers >= 1", value)
     return tuple(_pos_int(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
 def _forecast_model(name: str, value: Any) -> str:
     if value not in ("snarimax", "holt_winters"):
-        raise _bad(name, "'snarimax' or 'holt_winters'", value)
+        raise spec_error(name, "'snarimax' or 'holt_winters'", value)
     return str(value)
 
 
@@ -1172,17 +1147,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 
 DETECTOR_KINDS: tuple[str, ...] = tuple(_KINDS)
 
-_STATE_CLASSES: dict[str, Any] = {
-    "ensemble": EnsembleDetector,
-    "forecast": ForecastResidual,
-    "profile": ProfileDetector,
-    "hst": HalfSpaceTreesDetector,
-    "robust_z": RobustZScore,
-    "limits": LimitCheck,
-    "rate_of_change": RateOfChangeCheck,
-    "flatline": FlatlineCheck,
-    "no_data": NoDataCheck,
-}
+_STATE_CLASSES: dict[str, Any] = {kind: factory for kind, (factory, _) in _KINDS.items()}
+"""Every kind's class, for its ``from_state``."""
 
 
 def _check_cross_fields(kind: str, params: Mapping[str, Any]) -> None:
@@ -1227,7 +1193,7 @@ class DetectorSpec:
             raise TypeError(f"detector spec must be a mapping, got {type(spec).__name__}")
         kind = spec.get("kind", "ensemble")
         if kind not in _KINDS:
-            raise _bad("kind", f"one of {', '.join(DETECTOR_KINDS)}", kind)
+            raise spec_error("kind", f"one of {', '.join(DETECTOR_KINDS)}", kind)
         _, validators = _KINDS[kind]
         params: dict[str, Any] = {}
         threshold: float | None = None

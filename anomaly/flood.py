@@ -92,7 +92,6 @@ class ConsoleFlood:
         "_policy",
         "first_out",
         "flood_start_s",
-        "floods",
         "intervals",
     )
 
@@ -105,7 +104,6 @@ class ConsoleFlood:
         self.flood_start_s: float | None = None
         self.first_out: str | None = None
         """The oldest activation in the window when the current flood began."""
-        self.floods = 0
         self.intervals: deque[FloodInterval] = deque(maxlen=policy.history or None)
 
     @property
@@ -151,7 +149,6 @@ class ConsoleFlood:
         if self.flood_start_s is None and len(self._activations) > self._policy.flood_threshold:
             self.flood_start_s = at_s
             self.first_out = self._activations[0][1]
-            self.floods += 1
         if bypass or len(self._annunciated) < self._policy.max_annunciated:
             self._annunciated.append(at_s)
             return True
@@ -173,7 +170,6 @@ class ConsoleFlood:
             "last_s": None if self._last_s == float("-inf") else self._last_s,
             "flood_start_s": self.flood_start_s,
             "first_out": self.first_out,
-            "floods": self.floods,
             "intervals": [[i.start_s, i.end_s, i.first_out] for i in self.intervals],
         }
 
@@ -187,6 +183,5 @@ class ConsoleFlood:
         flood._last_s = float("-inf") if data["last_s"] is None else float(data["last_s"])
         flood.flood_start_s = None if data["flood_start_s"] is None else float(data["flood_start_s"])
         flood.first_out = data["first_out"]
-        flood.floods = int(data["floods"])
         flood.intervals.extend(FloodInterval(float(s), float(e), str(f)) for s, e, f in data["intervals"])
         return flood

@@ -52,17 +52,15 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .scoring import STATE_VERSION, StuckRun, is_finite_number, spec_error
+
 __all__ = [
-    "PROFILE_STATE_VERSION",
     "ProfileDetector",
     "validate_shift_tolerance_s",
     "validate_slot_s",
     "validate_timezone",
     "validate_weekday_profiles",
 ]
-
-PROFILE_STATE_VERSION = 1
-"""Must equal :data:`anomaly.detectors.STATE_VERSION` (checked by the tests)."""
 
 _DAY_S = 86400
 _MAD_TO_SIGMA = math.sqrt(math.pi / 2.0)
@@ -75,10 +73,6 @@ _LAST_SCORED_Z = 37.0
 """Beyond this z the Gaussian tail underflows; the score is 1 long before."""
 
 
-def _bad(name: str, must: str, value: Any) -> ValueError:
-    return ValueError(f"detector spec field {name!r}: must be {must}, got {value!r}")
-
-
 def validate_slot_s(name: str, value: Any) -> int:
     """Return ``value`` as whole seconds that divide a day into slots; ValueError names the field.
 
@@ -89,9 +83,8 @@ def validate_slot_s(name: str, value: Any) -> int:
     ...
     ValueError: detector spec field 'slot_s': must be whole seconds in 60..21600 that divide 86400, got 7
     """
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value != int(value) or not 60 <= value <= 21600 or _DAY_S % int(value):
-        raise _bad(name, "whole seconds in 60..21600 that divide 86400", value)
+    if not is_finite_number(value) or value != int(value) or not 60 <= value <= 21600 or _DAY_S % int(value):
+        raise spec_error(name, "whole seconds in 60..21600 that divide 86400", value)
     return int(value)
 
 
@@ -106,11 +99,11 @@ def validate_timezone(name: str, value: Any) -> str:
     ValueError: detector spec field 'timezone': must be an IANA time zone name, got 'Mars/Olympus'
     """
     if not isinstance(value, str) or not value:
-        raise _bad(name, "an IANA time zone name", value)
+        raise spec_error(name, "an IANA time zone name", value)
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError) as err:
-        raise _bad(name, "an IANA time zone name", value) from err
+        raise spec_error(name, "an IANA time zone name", value) from err
     return value
 
 
@@ -124,9 +117,8 @@ def validate_shift_tolerance_s(name: str, value: Any) -> float:
     ...
     ValueError: detector spec field 'shift_tolerance_s': must be seconds in 0..43200 (exclusive), got -1
     """
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not 0 <= value < _DAY_S / 2:
-        raise _bad(name, "seconds in 0..43200 (exclusive)", value)
+    if not is_finite_number(value) or not 0 <= value < _DAY_S / 2:
+        raise spec_error(name, "seconds in 0..43200 (exclusive)", value)
     return float(value)
 
 
@@ -141,10 +133,10 @@ def validate_weekday_profiles(name: str, value: Any) -> tuple[int, ...]:
     ValueError: detector spec field 'weekday_profiles': must be 7 integers in 0..6 (Mon..Sun), got [0, 1]
     """
     if not isinstance(value, list | tuple) or len(value) != 7:
-        raise _bad(name, "7 integers in 0..6 (Mon..Sun)", value)
+        raise spec_error(name, "7 integers in 0..6 (Mon..Sun)", value)
     for v in value:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 6:
-            raise _bad(name, "7 integers in 0..6 (Mon..Sun)", value)
+            raise spec_error(name, "7 integers in 0..6 (Mon..Sun)", value)
     return tuple(value)
 
 
@@ -243,8 +235,6 @@ class ProfileDetector:
         self._min_abs = min_spread
         self._tol_s = float(shift_tolerance_s)
         self._relearn_after_days = relearn_after_days
-        self._stuck_s = stuck_s
-        self._stuck_tol = stuck_tolerance
         # The learned profiles, flat: index = profile * slots_per_day + slot.
         size = (max(profiles) + 1) * self._n
         self._mean = [0.0] * size
@@ -264,8 +254,7 @@ class ProfileDetector:
         self._p_all_sum = [0.0] * n
         self._p_anom = [0] * n  # rows that scored at or above the threshold
         # The frozen-value run (followed on every row: a stuck value is a fact, not something learned).
-        self._run_start_s = math.nan
-        self._run_value = math.nan
+        self._run = StuckRun(stuck_s=stuck_s, tolerance=stuck_tolerance)
         # Local-day cache (not state): the UTC span of the last local day seen.
         self._c_lo = math.inf
         self._c_hi = -math.inf
@@ -372,12 +361,13 @@ class ProfileDetector:
 
     def _stuck_score(self, ts_s: float, value: float, base: float, mad: float) -> float:
         """Score a frozen value: 0.5 after ``stuck_s`` unchanged, if the slot normally moves."""
-        if not abs(value - self._run_value) <= self._stuck_tol:
+        run = self._run
+        if not run.holds(value):
             return 0.0
         moving = _MAD_TO_SIGMA * mad
-        if moving <= _MOVING_REL * abs(base) or moving <= 2.0 * self._stuck_tol:
+        if moving <= _MOVING_REL * abs(base) or moving <= 2.0 * run.tolerance:
             return 0.0
-        return min(0.5 * (ts_s - self._run_start_s) / self._stuck_s, 1.0)
+        return run.score(ts_s, value)
 
     def _evaluate(self, ts_s: float, value: float) -> _Evaluation:
         """Return (score, residual, baseline, spread, visits, slot) of a row; no state change."""
@@ -436,8 +426,7 @@ class ProfileDetector:
             self._p_n[slot] += 1
             self._p_sum[slot] += learned
             self._p_sq[slot] += learned * learned
-        if not abs(value - self._run_value) <= self._stuck_tol:
-            self._run_start_s, self._run_value = ts_s, value
+        self._run.follow(ts_s, value)
 
     # -- the Detector interface ------------------------------------------------------------------
 
@@ -472,7 +461,7 @@ class ProfileDetector:
         """Parameters, the learned profiles, the pending day and the stuck run, JSON-able."""
         return {
             "kind": self.kind,
-            "version": PROFILE_STATE_VERSION,
+            "version": STATE_VERSION,
             "params": dict(self.params),
             "mean": list(self._mean),
             "mad": list(self._mad),
@@ -490,7 +479,7 @@ class ProfileDetector:
                 "all_sum": list(self._p_all_sum),
                 "anom": list(self._p_anom),
             },
-            "run": [_none_if_nan(self._run_start_s), _none_if_nan(self._run_value)],
+            "run": self._run.to_state(),
         }
 
     @classmethod
@@ -514,11 +503,5 @@ class ProfileDetector:
         det._p_all_n = [int(v) for v in pending["all_n"]]
         det._p_all_sum = [float(v) for v in pending["all_sum"]]
         det._p_anom = [int(v) for v in pending["anom"]]
-        start, value = state["run"]
-        det._run_start_s = math.nan if start is None else float(start)
-        det._run_value = math.nan if value is None else float(value)
+        det._run.load(state["run"])
         return det
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if math.isnan(x) else x

@@ -1,21 +1,64 @@
-"""Score post-processing shared by the detectors: anomaly likelihood and excess-energy accounting.
+"""What the detectors share: likelihood, frozen-value run, excess energy, spec and state helpers.
 
-Both are small, pure, synchronous objects with JSON-able state, so a detector that owns them can be
-persisted with ``to_state()`` and restored with ``from_state()``.
+Everything here is pure and synchronous. :mod:`anomaly.detectors` and :mod:`anomaly.profile` both
+import it (the profile detector cannot import :mod:`anomaly.detectors`, which builds it), so what
+they have in common lives here once.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["AnomalyLikelihood", "ExcessEnergy", "tail_log_score"]
+__all__ = [
+    "STATE_VERSION",
+    "AnomalyLikelihood",
+    "ExcessEnergy",
+    "StuckRun",
+    "is_finite_number",
+    "nan_if_none",
+    "none_if_nan",
+    "spec_error",
+    "tail_log_score",
+]
+
+STATE_VERSION = 1
+"""Version of every detector's ``to_state()`` layout; :func:`anomaly.detectors.detector_from_state`
+refuses any other."""
 
 _LN_1E_10 = math.log(1e-10)
 _SQRT2 = math.sqrt(2.0)
 _SECONDS_PER_HOUR = 3600.0
+
+
+def spec_error(name: str, must: str, value: Any) -> ValueError:
+    """Return the error of a bad detector spec field, naming it.
+
+    >>> spec_error("window", "an integer >= 1", 0)
+    ValueError("detector spec field 'window': must be an integer >= 1, got 0")
+    """
+    return ValueError(f"detector spec field {name!r}: must be {must}, got {value!r}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """Return True for a finite int or float (a bool is not a number here).
+
+    >>> is_finite_number(3), is_finite_number(True), is_finite_number(float("nan"))
+    (True, False, False)
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def none_if_nan(x: float) -> float | None:
+    """Return ``x``, or None for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else x
+
+
+def nan_if_none(x: float | None) -> float:
+    """Return :func:`none_if_nan`'s input back: None becomes NaN."""
+    return math.nan if x is None else float(x)
 
 
 def tail_log_score(z: float) -> float:
@@ -132,6 +175,53 @@ class AnomalyLikelihood:
         return lik
 
 
+class StuckRun:
+    """A frozen value: how long the value has stayed within ``tolerance`` of where its run began.
+
+    ``score`` is ``0.5 * run_s / stuck_s`` including the row (0.5 when frozen for exactly
+    ``stuck_s``), capped at 1, and 0 when the row leaves the run; ``follow`` moves the run on. A
+    stuck value is a fact, not something learned: detectors follow it on every row.
+
+    Examples
+    --------
+    >>> run = StuckRun(stuck_s=600.0, tolerance=0.01)
+    >>> run.follow(0.0, 20.0)
+    >>> run.score(600.0, 20.005), run.score(600.0, 21.0)
+    (0.5, 0.0)
+    """
+
+    __slots__ = ("start_s", "stuck_s", "tolerance", "value")
+
+    def __init__(self, *, stuck_s: float, tolerance: float) -> None:
+        self.stuck_s, self.tolerance = stuck_s, tolerance
+        self.start_s = math.nan
+        self.value = math.nan
+
+    def holds(self, value: float) -> bool:
+        """Return True when ``value`` continues the run (never before the first row)."""
+        return abs(value - self.value) <= self.tolerance
+
+    def score(self, ts_s: float, value: float) -> float:
+        """Score the run's length including this row; 0 when the row ends the run."""
+        if not self.holds(value):
+            return 0.0
+        run = 0.5 * (ts_s - self.start_s) / self.stuck_s
+        return 0.0 if run <= 0.0 else (run if run < 1.0 else 1.0)
+
+    def follow(self, ts_s: float, value: float) -> None:
+        """Extend the run, or start a new one at this row."""
+        if not self.holds(value):
+            self.start_s, self.value = ts_s, value
+
+    def to_state(self) -> list[float | None]:
+        """Return ``[start_s, value]``, JSON-able."""
+        return [none_if_nan(self.start_s), none_if_nan(self.value)]
+
+    def load(self, state: Sequence[float | None]) -> None:
+        """Take back :meth:`to_state` output."""
+        self.start_s, self.value = (nan_if_none(v) for v in state)
+
+
 class ExcessEnergy:
     """Energy a power point used beyond its expected baseline while an anomaly was active, in kWh.
 
@@ -149,12 +239,11 @@ class ExcessEnergy:
     40.0
     """
 
-    __slots__ = ("_active", "_last_excess_kw", "_last_ts_s", "episode_kwh", "max_gap_s", "total_kwh")
+    __slots__ = ("_active", "_last_excess_kw", "_last_ts_s", "episode_kwh", "max_gap_s")
 
     def __init__(self, *, max_gap_s: float = 900.0) -> None:
         self.max_gap_s = max_gap_s
         self.episode_kwh = 0.0
-        self.total_kwh = 0.0
         self._active = False
         self._last_ts_s = math.nan
         self._last_excess_kw = 0.0
@@ -167,33 +256,8 @@ class ExcessEnergy:
                 self.episode_kwh = 0.0
             elif 0.0 < ts_s - self._last_ts_s <= self.max_gap_s:
                 dt_h = (ts_s - self._last_ts_s) / _SECONDS_PER_HOUR
-                delta_kwh = 0.5 * (excess_kw + self._last_excess_kw) * dt_h
-                self.episode_kwh += delta_kwh
-                self.total_kwh += delta_kwh
+                self.episode_kwh += 0.5 * (excess_kw + self._last_excess_kw) * dt_h
         self._active = active
         self._last_ts_s = ts_s
         self._last_excess_kw = excess_kw
         return self.episode_kwh
-
-    def to_state(self) -> dict[str, Any]:
-        """JSON-able state."""
-        return {
-            "max_gap_s": self.max_gap_s,
-            "episode_kwh": self.episode_kwh,
-            "total_kwh": self.total_kwh,
-            "active": self._active,
-            "last_ts_s": None if math.isnan(self._last_ts_s) else self._last_ts_s,
-            "last_excess_kw": self._last_excess_kw,
-        }
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> ExcessEnergy:
-        """Rebuild from :meth:`to_state` output."""
-        meter = cls(max_gap_s=float(state["max_gap_s"]))
-        meter.episode_kwh = float(state["episode_kwh"])
-        meter.total_kwh = float(state["total_kwh"])
-        meter._active = bool(state["active"])
-        last = state["last_ts_s"]
-        meter._last_ts_s = math.nan if last is None else float(last)
-        meter._last_excess_kw = float(state["last_excess_kw"])
-        return meter

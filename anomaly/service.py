@@ -29,7 +29,8 @@ from typing import Any, Final
 
 import asyncpg
 
-from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmState
+from anomaly.alarm_model import AlarmEvent, AlarmState
+from anomaly.alarms import AlarmEngine
 from anomaly.detectors import PointMonitor, PointVerdict, detector_from_state
 from scada.model import Clock, DeviceId, PointId, QualityCode, Reading
 from scada.runtime import raise_if_cancelling
@@ -57,8 +58,6 @@ class MonitoredPoint:
     monitor: PointMonitor
     kg_per_kwh: Callable[[datetime], float] | None = None
     """Emission factor for a kW point's excess energy; None for points that are not electric power."""
-    excess_kwh: float = 0.0
-    active: bool = False
 
 
 class AlarmStore:
@@ -121,16 +120,16 @@ class AlarmStore:
             return None
         return json.loads(row["engine"]), json.loads(row["detectors"])
 
-    async def save_state(self, engine: Mapping[str, Any], detectors: Mapping[str, Any]) -> None:
-        """Replace the saved engine snapshot and detector states."""
+    async def save_state(self, engine_json: str, detectors_json: str) -> None:
+        """Replace the saved engine snapshot and detector states (JSON text, encoded off the loop)."""
         async with self._pool.acquire(timeout=self._timeout_s) as conn:
             await conn.execute(
                 """INSERT INTO anomaly_state (id, engine, detectors, saved_at)
                    VALUES (1, $1::jsonb, $2::jsonb, now())
                    ON CONFLICT (id) DO UPDATE
                    SET engine = excluded.engine, detectors = excluded.detectors, saved_at = now()""",
-                json.dumps(engine),
-                json.dumps(detectors),
+                engine_json,
+                detectors_json,
                 timeout=self._timeout_s,
             )
 
@@ -213,6 +212,8 @@ class AnomalyService:
         self._last_snapshot_s = clock.monotonic()
         self._lock = asyncio.Lock()
         """Serialises the engine between the consumer, the ticker and operator actions."""
+        self._detectors_lock = asyncio.Lock()
+        """Serialises the monitors between scoring and saving their states (each in a worker thread)."""
         self.scored = 0
         """Readings scored by a detector since start."""
 
@@ -245,35 +246,35 @@ class AnomalyService:
     async def handle(self, readings: Sequence[Reading]) -> None:
         """Evaluate a batch: limit alarms on values, detectors off the loop, then deviation alarms."""
         usable = [
-            r
+            (r, value)
             for r in readings
-            if r.value is not None and r.quality.code is not QualityCode.BAD and math.isfinite(r.value)
+            if (value := r.value) is not None
+            and r.quality.code is not QualityCode.BAD
+            and math.isfinite(value)
         ]
-        scoring = [r for r in usable if r.point in self._monitored]
-        verdicts = await asyncio.to_thread(self._score, scoring) if scoring else []
+        points = self._monitored
+        scoring = [(points[r.point], r.ts, value) for r, value in usable if r.point in points]
+        verdicts: list[tuple[MonitoredPoint, datetime, PointVerdict]] = []
+        if scoring:
+            async with self._detectors_lock:
+                verdicts = await asyncio.to_thread(self._score, scoring)
         async with self._lock:
             produced: list[tuple[AlarmEvent, Mapping[str, Any]]] = []
-            for reading in usable:
-                value = float(reading.value or 0.0)
+            for reading, value in usable:
                 produced.extend((e, {}) for e in self.engine.evaluate_point(reading.point, value, reading.ts))
-            for reading, verdict in verdicts:
-                monitored = self._monitored[reading.point]
-                monitored.active, monitored.excess_kwh = verdict.active, verdict.excess_kwh
-                extra = self._extra(monitored, verdict, reading.ts)
-                produced.extend(
-                    (e, extra) for e in self.engine.evaluate(monitored.alarm_id, verdict.active, reading.ts)
-                )
+            for monitored, at, verdict in verdicts:
+                events = self.engine.evaluate(monitored.alarm_id, verdict.active, at)
+                if events:  # most rows change nothing: build the extra figures only for an event
+                    extra = self._extra(monitored, verdict, at)
+                    produced.extend((e, extra) for e in events)
             await self._emit(produced)
         await self._maybe_snapshot()
 
-    def _score(self, readings: Sequence[Reading]) -> list[tuple[Reading, PointVerdict]]:
-        """Score readings in a worker thread (only this thread touches the monitors meanwhile)."""
-        out = []
-        for reading in readings:
-            monitored = self._monitored[reading.point]
-            out.append(
-                (reading, monitored.monitor.update(reading.ts.timestamp(), float(reading.value or 0.0)))
-            )
+    def _score(
+        self, rows: Sequence[tuple[MonitoredPoint, datetime, float]]
+    ) -> list[tuple[MonitoredPoint, datetime, PointVerdict]]:
+        """Score rows in a worker thread (the caller holds the detectors' lock)."""
+        out = [(m, at, m.monitor.update(at.timestamp(), value)) for m, at, value in rows]
         self.scored += len(out)
         return out
 
@@ -321,12 +322,15 @@ class AnomalyService:
             return
         self._last_snapshot_s = self._clock.monotonic()
         async with self._lock:
-            engine = self.engine.snapshot()
-        detectors = await asyncio.to_thread(self._detector_states)
-        await self._store.save_state(engine, detectors)
+            engine = self.engine.snapshot()  # a fresh structure: encoding it needs no lock
+        async with self._detectors_lock:
+            detectors_json = await asyncio.to_thread(self._detector_states_json)
+        engine_json = await asyncio.to_thread(json.dumps, engine)
+        await self._store.save_state(engine_json, detectors_json)
 
-    def _detector_states(self) -> dict[str, Any]:
-        return {str(point): m.monitor.detector.to_state() for point, m in self._monitored.items()}
+    def _detector_states_json(self) -> str:
+        """Encode every detector's state in a worker thread (the caller holds the detectors' lock)."""
+        return json.dumps({str(point): m.monitor.detector.to_state() for point, m in self._monitored.items()})
 
     async def save(self) -> None:
         """Save the engine and detector states now (at shutdown)."""

@@ -1,4 +1,4 @@
-"""Helpers shared by the benches: free ports, percentiles, and a fleet of simulated meters.
+"""Helpers shared by the benches: ports, processes, sessions, scratch databases, a fleet of meters.
 
 The benches run as scripts (``python bench/x.py``), so this module is imported as ``_fleet``.
 """
@@ -6,14 +6,21 @@ The benches run as scripts (``python bench/x.py``), so this module is imported a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -45,6 +52,68 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 30.0
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+async def start_ready_process(
+    what: str,
+    argv: Sequence[str],
+    *,
+    ready: bytes,
+    timeout_s: float,
+    stdin: bool = False,
+    cwd: Path | None = None,
+) -> tuple[asyncio.subprocess.Process, bytes]:
+    """Start a helper process (a simulator, a fleet) and wait for the line that says it is ready.
+
+    Return the process and that line; kill the process and exit if the first line is another.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin else None,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout_s):
+        line = await proc.stdout.readline()
+    if not line.startswith(ready):
+        proc.kill()
+        await proc.wait()
+        raise SystemExit(f"{what} did not start: {line!r}")
+    return proc, line
+
+
+class _Session(Protocol):
+    @property
+    def device(self) -> str: ...
+    @property
+    def available(self) -> bool | None: ...
+    async def run(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """How the sessions came up: seconds until all were online (or the wait ran out), and how many were."""
+
+    seconds: float
+    online: int
+
+
+@contextlib.asynccontextmanager
+async def running_sessions(sessions: Sequence[_Session], *, max_wait_s: float) -> AsyncIterator[Ramp]:
+    """Run every session as a task; wait (at most ``max_wait_s``) for all online; cancel them on exit."""
+    tasks = [asyncio.create_task(s.run(), name=f"session-{s.device}") for s in sessions]
+    try:
+        started = time.monotonic()
+        for _ in range(int(max_wait_s / 0.2)):
+            if all(s.available for s in sessions):
+                break
+            await asyncio.sleep(0.2)
+        yield Ramp(seconds=time.monotonic() - started, online=sum(1 for s in sessions if s.available))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -104,6 +173,74 @@ async def drop_scratch(name: str, stream_prefix: str) -> None:
     if keys:
         await redis.delete(*keys)
     await redis.aclose()
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Stop ``scada run`` with SIGINT (its clean shutdown), then SIGKILL after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass(slots=True)
+class ScadaServer:
+    """A ``scada run`` started by :func:`scada_server`."""
+
+    base: str
+    """``http://127.0.0.1:<port>``."""
+    proc: subprocess.Popen[bytes]
+    stream_prefix: str
+    log: str = ""
+    """What the server logged, read once it stopped."""
+
+
+@contextlib.contextmanager
+def scada_server(
+    name: str, site_yaml: str, env: Mapping[str, str], *, role: str | None = None
+) -> Iterator[ScadaServer]:
+    """Run ``scada run`` on a scratch database and stream prefix until the block ends, then clean up.
+
+    The block starts once the server answers /api/v1/health; ``env`` adds to (or overrides) the
+    settings made here. On exit the server is stopped, its log kept in :attr:`ScadaServer.log`,
+    and the database, the Redis keys and the working directory are removed.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"scada-{name}-"))
+    db_name, db_url = asyncio.run(create_scratch_database(f"scada_{name}"))
+    prefix = f"{name}-{db_name}:"
+    http_port = free_port()
+    site = workdir / "site.yaml"
+    site.write_text(site_yaml, "utf-8")
+    full_env = {
+        **os.environ,
+        "SCADA_DB_URL": db_url,
+        "SCADA_REDIS_URL": BENCH_REDIS_URL,
+        "SCADA_HTTP_HOST": "127.0.0.1",
+        "SCADA_HTTP_PORT": str(http_port),
+        "SCADA_DATA_DIR": str(workdir / "data"),
+        "SCADA_STREAM_PREFIX": prefix,
+        "SCADA_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    argv = [str(Path(sys.executable).with_name("scada")), "run", "-c", str(site)]
+    if role is not None:
+        argv += ["--role", role]
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=log)
+    server = ScadaServer(base=f"http://127.0.0.1:{http_port}", proc=proc, stream_prefix=prefix)
+    try:
+        wait_healthy(server.base, proc)
+        yield server
+    finally:
+        stop_server(proc)
+        server.log = log_path.read_text("utf-8", errors="replace")
+        asyncio.run(drop_scratch(db_name, prefix))
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:

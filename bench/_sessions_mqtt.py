@@ -50,7 +50,7 @@ from zoneinfo import ZoneInfo
 
 import gmqtt
 import psutil
-from _fleet import percentile, stop_process
+from _fleet import percentile, running_sessions, start_ready_process, stop_process
 from gmqtt.mqtt.constants import MQTTv50
 
 from protocols.mqtt.config import MqttDeviceConfig, MqttVersion
@@ -152,26 +152,11 @@ class Fleet:
 
 
 async def start_fleet(devices: int, period_s: float, prefix: str, connections: int, qos: int) -> Fleet:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(THIS_FILE),
-        "--fleet",
-        f"--devices={devices}",
-        f"--period={period_s}",
-        f"--prefix={prefix}",
-        f"--connections={connections}",
-        f"--qos={qos}",
-        cwd=REPO,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    argv = [sys.executable, str(THIS_FILE), "--fleet", f"--devices={devices}", f"--period={period_s}"]
+    argv += [f"--prefix={prefix}", f"--connections={connections}", f"--qos={qos}"]
+    proc, _ready = await start_ready_process(
+        "the MQTT fleet", argv, ready=b"FLEET READY", timeout_s=60 + devices / 200, stdin=True, cwd=REPO
     )
-    assert proc.stdout is not None
-    async with asyncio.timeout(60 + devices / 200):
-        ready = await proc.stdout.readline()
-    if not ready.startswith(b"FLEET READY"):
-        proc.kill()
-        await proc.wait()
-        raise SystemExit(f"the MQTT fleet did not start: {ready!r}")
     return Fleet(proc)
 
 
@@ -306,44 +291,33 @@ async def _measure(
                 connect_timeout_s=30.0,
             )
         )
-    tasks: list[asyncio.Task[None]] = []
     try:
-        ramp_started = time.monotonic()
-        tasks = [asyncio.create_task(s.run(), name=f"session-{s.device}") for s in sessions]
-        for _ in range(int((60 + devices / 100) / 0.2)):  # bounded wait for every session online
-            if all(s.available for s in sessions):
-                break
-            await asyncio.sleep(0.2)
-        ramp_s = time.monotonic() - ramp_started
-        online_after_ramp = sum(1 for s in sessions if s.available)
-        await asyncio.sleep(2 * period_s)  # settle: every session past its first batches
-        rss_after_ramp = me.memory_info().rss
+        async with running_sessions(sessions, max_wait_s=60 + devices / 100) as ramp:
+            await asyncio.sleep(2 * period_s)  # settle: every session past its first batches
+            rss_after_ramp = me.memory_info().rss
 
-        dropped_before = sum(d.stats.dropped for d in drivers)
-        published_before = await fleet.published()
-        batches_before, good_before, dead_before = sink.batches, sink.good, dead.count
-        sink.recording = True
-        me.cpu_percent()
-        fleet.ps.cpu_percent()
-        if broker is not None:
-            broker.cpu_percent()
-        window_start = time.monotonic()
-        await asyncio.sleep(duration_s)
-        elapsed = time.monotonic() - window_start
-        cpu = me.cpu_percent()
-        fleet_cpu = fleet.ps.cpu_percent()
-        broker_cpu = broker.cpu_percent() if broker is not None else math.nan
-        sink.recording = False
-        published = await fleet.published() - published_before
-        batches = sink.batches - batches_before
-        good = sink.good - good_before
-        dropped = sum(d.stats.dropped for d in drivers) - dropped_before
-        dead_in_window = dead.count - dead_before
-        sessions_open = sum(1 for s in sessions if s.available)
+            dropped_before = sum(d.stats.dropped for d in drivers)
+            published_before = await fleet.published()
+            batches_before, good_before, dead_before = sink.batches, sink.good, dead.count
+            sink.recording = True
+            me.cpu_percent()
+            fleet.ps.cpu_percent()
+            if broker is not None:
+                broker.cpu_percent()
+            window_start = time.monotonic()
+            await asyncio.sleep(duration_s)
+            elapsed = time.monotonic() - window_start
+            cpu = me.cpu_percent()
+            fleet_cpu = fleet.ps.cpu_percent()
+            broker_cpu = broker.cpu_percent() if broker is not None else math.nan
+            sink.recording = False
+            published = await fleet.published() - published_before
+            batches = sink.batches - batches_before
+            good = sink.good - good_before
+            dropped = sum(d.stats.dropped for d in drivers) - dropped_before
+            dead_in_window = dead.count - dead_before
+            sessions_open = sum(1 for s in sessions if s.available)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         await connection.close()
 
     latency = list(sink.latency_ms) or [math.nan]
@@ -354,8 +328,8 @@ async def _measure(
         "publish_period_s": period_s,
         "qos": qos,
         "seconds": duration_s,
-        "ramp_s": round(ramp_s, 1),
-        "online_after_ramp": online_after_ramp,
+        "ramp_s": round(ramp.seconds, 1),
+        "online_after_ramp": ramp.online,
         "sessions_open": sessions_open,
         "readings_per_s": round(good / elapsed, 1),
         "readings_per_s_ideal": round(devices * POINTS_PER_DEVICE / period_s, 1),

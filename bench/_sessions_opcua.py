@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 import psutil
-from _fleet import free_port, percentile, stop_process
+from _fleet import free_port, percentile, running_sessions, start_ready_process, stop_process
 
 from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
 from protocols.opcua.driver import OpcUaDriver, OpcUaPointSpec
@@ -141,24 +141,14 @@ class Simulator:
 
 
 async def start_simulator(sessions: int, items: int) -> Simulator:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(THIS_FILE),
-        "--server",
-        f"--sessions={sessions}",
-        f"--items={items}",
-        f"--port={port}",
+    argv = [sys.executable, str(THIS_FILE), "--server", f"--sessions={sessions}", f"--items={items}"]
+    proc, ready = await start_ready_process(
+        "the OPC UA simulator",
+        [*argv, f"--port={free_port()}"],
+        ready=b"OPCUA READY",
+        timeout_s=60 + sessions * items / 500,
         cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    async with asyncio.timeout(60 + sessions * items / 500):
-        ready = await proc.stdout.readline()
-    if not ready.startswith(b"OPCUA READY"):
-        proc.kill()
-        await proc.wait()
-        raise SystemExit(f"the OPC UA simulator did not start: {ready!r}")
     return Simulator(proc, ready.split()[-1].decode())
 
 
@@ -271,16 +261,7 @@ async def _measure(simulator: Simulator, sessions: int, items: int, duration_s: 
         driver, points = make_driver(simulator.url, device, items, clock)
         drivers.append(driver)
         session_list.append(make_session(driver, points, sink, clock))
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        ramp_started = time.monotonic()
-        tasks = [asyncio.create_task(s.run(), name=f"session-{s.device}") for s in session_list]
-        for _ in range(int((60 + sessions / 10) / 0.2)):  # bounded wait for every session online
-            if all(s.available for s in session_list):
-                break
-            await asyncio.sleep(0.2)
-        ramp_s = time.monotonic() - ramp_started
-        online_after_ramp = sum(1 for s in session_list if s.available)
+    async with running_sessions(session_list, max_wait_s=60 + sessions / 10) as ramp:
         await asyncio.sleep(2 * UPDATE_PERIOD_S)  # settle: every session past its first batches
         rss_after_ramp = me.memory_info().rss
 
@@ -300,10 +281,6 @@ async def _measure(simulator: Simulator, sessions: int, items: int, duration_s: 
         dropped = sum(d.dropped_batches for d in drivers) - dropped_before
         reconnects = sum(s.stats.connects for s in session_list) - connects_before
         sessions_open = sum(1 for s in session_list if s.available)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
 
     latency = list(sink.latency_ms) or [math.nan]
     interarrival = list(sink.interarrival_ms) or [math.nan]
@@ -314,8 +291,8 @@ async def _measure(simulator: Simulator, sessions: int, items: int, duration_s: 
         "publishing_interval_ms": PUBLISHING_INTERVAL_MS,
         "update_period_s": UPDATE_PERIOD_S,
         "seconds": duration_s,
-        "ramp_s": round(ramp_s, 1),
-        "online_after_ramp": online_after_ramp,
+        "ramp_s": round(ramp.seconds, 1),
+        "online_after_ramp": ramp.online,
         "sessions_open": sessions_open,
         "monitored_items": len(sink.points_seen),
         "readings_per_s": round(good / elapsed, 1),

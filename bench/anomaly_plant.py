@@ -17,14 +17,15 @@ every step's reported value:
   spec (``--threshold`` overrides its threshold);
 - alternatives, unless ``--no-alternatives``: ``robust_z``, ``forecast`` (Holt-Winters, level
   only) and ``profile`` (time of day) with their default settings; river's SNARIMAX (the
-  ``forecast`` default) costs about 0.8 ms a row and would not fit the time budget;
+  ``forecast`` default) is left out for its cost, milliseconds a row (``--detector
+  '{"kind": "forecast"}'`` runs it; the per-detector seconds printed show what it costs);
 - the reference, measured in the same run: a plain rolling z-score (mean and standard deviation of
   the previous 60 rows, active when ``|z| >= 4``, learning every row), through the same monitor.
 
 Every monitor gets ``relearn_after_s`` (``--relearn-after-s``, 3600 s): with the monitor's default
 (never), a flat-baseline detector (``robust_z``, ``forecast``) that sees the first shift change never
-learns the new level and stays active for the rest of the shift or longer (``--relearn-after-s inf``
-measured both active on about half of the scored rows), which makes episodes few, long and
+learns the new level and stays active for the rest of the shift or longer (run with
+``--relearn-after-s inf`` and read their ``active_fraction``), which makes episodes few, long and
 meaningless. The price: excess energy is only counted for the first ``relearn_after_s`` of a
 longer anomaly. The ensemble (which learns again after its refractory rows) and the reference
 (which always learns) are not affected by it.

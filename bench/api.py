@@ -48,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,18 +57,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 import psutil
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _api_site import TenantIds, seed, site_yaml, tenant_ids
-from _fleet import free_port, percentile, stop_process
+from _fleet import BENCH_REDIS_URL, create_scratch_database, drop_scratch, free_port, percentile, stop_process
 
 from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
 
-ADMIN_DB_URL = os.environ.get("SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCADA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 TARGET_P95_MS = 50.0
 WARMUP_S = 5.0
 STARTUP_TIMEOUT_S = 180.0
@@ -377,19 +372,6 @@ async def measure(
     return figures
 
 
-async def drop_keys(prefix: str) -> None:
-    """Delete the server's Redis keys (its streams); a Redis that is down has none to delete."""
-    redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
-    try:
-        keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await redis.delete(*keys)
-    except (RedisError, OSError) as err:
-        print(f"could not delete the Redis keys {prefix}*: {err}", file=sys.stderr)
-    finally:
-        await redis.aclose()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=1000, help="tenants (one enterprise and meter each)")
@@ -406,10 +388,6 @@ async def main() -> None:
         parser.error("--clients and the durations must be positive, --think-ms at least 0")
     ids = tenant_ids(args.tenants)
     t_start = time.perf_counter()
-    tag = uuid.uuid4().hex[:8]
-    db_name = f"bench_api_{tag}"
-    db_url = ADMIN_DB_URL.rpartition("/")[0] + "/" + db_name
-    prefix = f"bench-api-{tag}:"
     secret = secrets.token_hex(32)
     workdir = Path(tempfile.mkdtemp(prefix="scada-bench-api-"))
     site = workdir / "site.yaml"
@@ -422,11 +400,13 @@ async def main() -> None:
     if check.returncode != 0:
         raise SystemExit(f"scada check-config failed: {out.decode()}")
     print(out.decode().strip().replace(str(site), "site.yaml"))
+    db_name, db_url = await create_scratch_database("bench_api")
+    prefix = f"{db_name.replace('_', '-')}:"
     http_port = free_port()
     env = {
         **os.environ,
         "SCADA_DB_URL": db_url,
-        "SCADA_REDIS_URL": REDIS_URL,
+        "SCADA_REDIS_URL": BENCH_REDIS_URL,
         "SCADA_STREAM_PREFIX": prefix,
         "SCADA_HTTP_HOST": "127.0.0.1",
         "SCADA_HTTP_PORT": str(http_port),
@@ -436,8 +416,6 @@ async def main() -> None:
     }
     base = f"http://127.0.0.1:{http_port}"
     log = workdir / "server.log"
-    admin = await asyncpg.connect(ADMIN_DB_URL, timeout=10)
-    await admin.execute(f'CREATE DATABASE "{db_name}"')
     proc: asyncio.subprocess.Process | None = None
     try:
         with log.open("wb") as log_file:
@@ -454,10 +432,8 @@ async def main() -> None:
     finally:
         if proc is not None:
             await stop_process(proc, timeout_s=20)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        await admin.close()
+        await drop_scratch(db_name, prefix)
         shutil.rmtree(workdir, ignore_errors=True)
-        await drop_keys(prefix)
     pause = f", {args.think_ms:g} ms mean think time" if args.think_ms else ", no think time"
     print(f"{args.clients} clients, {args.tenants} tenants, {args.seconds:g} s closed loop{pause}")
     print(f"{'request':10s} {'count':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'alone ms':>9s}")

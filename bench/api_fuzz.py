@@ -21,14 +21,8 @@ Last line: ``RESULT {json}``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _fleet import HIERARCHY_YAML, create_scratch_database, drop_scratch, free_port, wait_healthy
+from _fleet import HIERARCHY_YAML, free_port, scada_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "scada"))
@@ -46,8 +40,6 @@ from _api_fuzz import FuzzReport, run_schemathesis, with_known_values  # noqa: E
 from scada import __version__  # noqa: E402
 from scada.api.openapi import openapi_spec  # noqa: E402
 
-ADMIN_DB_URL = os.environ.get("SCADA_BENCH_DB_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCADA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN = ("bench", "admin", "fuzz-bench-password-1")  # tenant, username, password
 AUTH_PATH_PREFIXES = (
     "/api/v1/auth/",
@@ -169,32 +161,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20_260_501)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="scada-fuzz-"))
-    db_name, db_url = asyncio.run(create_scratch_database("scada_fuzz"))
-    prefix = f"fuzz-{db_name}:"
-    http_port = free_port()
     site = SITE_YAML.replace("{meter_port}", str(free_port())).replace("{gas_port}", str(free_port()))
-    (workdir / "site.yaml").write_text(site, "utf-8")
-    env = {
-        **os.environ,
-        "SCADA_DB_URL": db_url,
-        "SCADA_REDIS_URL": REDIS_URL,
-        "SCADA_HTTP_HOST": "127.0.0.1",
-        "SCADA_HTTP_PORT": str(http_port),
-        "SCADA_DATA_DIR": str(workdir / "data"),
-        "SCADA_STREAM_PREFIX": prefix,
-        "SCADA_LOG_LEVEL": "WARNING",
-        "SCADA_BOOTSTRAP_ADMIN": ":".join(ADMIN),
-    }
-    scada = str(Path(sys.executable).with_name("scada"))
-    log_path = workdir / "server.log"
-    base = f"http://127.0.0.1:{http_port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [scada, "run", "-c", str(workdir / "site.yaml")], env=env, stdout=log, stderr=log
-        )
-    try:
-        wait_healthy(base, proc)
+    with scada_server("fuzz", site, {"SCADA_BOOTSTRAP_ADMIN": ":".join(ADMIN)}) as server:
+        base = server.base
         headers, auth = login(base)
         spec, spec_origin = load_spec(base, headers, authenticated=bool(headers))
         values = known_values(base, headers)
@@ -209,18 +178,7 @@ def main() -> None:
             seed=args.seed,
         )
         elapsed_s = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        server_log = log_path.read_text("utf-8", errors="replace")
-        asyncio.run(drop_scratch(db_name, prefix))
-        shutil.rmtree(workdir, ignore_errors=True)
-    print_report(report, auth=auth, spec_origin=spec_origin, server_log=server_log)
+    print_report(report, auth=auth, spec_origin=spec_origin, server_log=server.log)
     result = {
         "cases": report.cases,
         "failing_cases": report.failing_cases,

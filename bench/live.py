@@ -20,26 +20,20 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 import redis.asyncio as aioredis
-from _fleet import BENCH_REDIS_URL, create_scratch_database, drop_scratch, free_port, wait_healthy
+from _fleet import BENCH_REDIS_URL, scada_server
 
 from scada.model import PointId, Reading
 from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
 from streams.codec import encode_readings
 
-REDIS_URL = BENCH_REDIS_URL
 SECRET_KEY = "bench-live-signing-key-" + "k" * 32
 DEVICES, POINTS_PER_DEVICE = 1_000, 10
 POINTS_PER_CLIENT = 100
@@ -169,7 +163,7 @@ async def _clients(
 
 async def write_readings(stop: asyncio.Event, key: str) -> float:
     """Write every point once a second, one stream entry per device, in 10 slices; return points/s."""
-    redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10)
+    redis = aioredis.Redis.from_url(BENCH_REDIS_URL, socket_timeout=10)
     devices = [f"m{d:04d}" for d in range(DEVICES)]
     per_slice = DEVICES // SLICES_PER_S
     written = 0
@@ -276,53 +270,18 @@ def main() -> None:
     parser.add_argument("--reference-seconds", type=float, default=15.0)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="scada-live-"))
-    db_name, db_url = asyncio.run(create_scratch_database("scada_live"))
-    prefix = f"live-{db_name}:"
-    http_port = free_port()
-    (workdir / "site.yaml").write_text(site_yaml(), "utf-8")
-    env = {
-        **os.environ,
-        "SCADA_DB_URL": db_url,
-        "SCADA_REDIS_URL": REDIS_URL,
-        "SCADA_HTTP_HOST": "127.0.0.1",
-        "SCADA_HTTP_PORT": str(http_port),
-        "SCADA_DATA_DIR": str(workdir / "data"),
-        "SCADA_STREAM_PREFIX": prefix,
-        "SCADA_LOG_LEVEL": "WARNING",
-        "SCADA_SECRET_KEY": SECRET_KEY,
-    }
-    scada = str(Path(sys.executable).with_name("scada"))
-    base = f"http://127.0.0.1:{http_port}"
-    log_path = workdir / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [scada, "run", "-c", str(workdir / "site.yaml"), "--role", "api"], env=env, stdout=log, stderr=log
-        )
-    try:
-        wait_healthy(base, proc)
-        server = psutil.Process(proc.pid)
+    with scada_server("live", site_yaml(), {"SCADA_SECRET_KEY": SECRET_KEY}, role="api") as server:
+        process = psutil.Process(server.proc.pid)
         token = mint_token()
-        readings_key = f"{prefix}readings"
+        readings_key = f"{server.stream_prefix}readings"
         reference = run_phase(
-            base, token, server, readings_key, args.reference_clients, args.reference_seconds
+            server.base, token, process, readings_key, args.reference_clients, args.reference_seconds
         )
         print("reference", json.dumps(reference), flush=True)
-        loaded = run_phase(base, token, server, readings_key, args.clients, args.seconds)
+        loaded = run_phase(server.base, token, process, readings_key, args.clients, args.seconds)
         print("loaded", json.dumps(loaded), flush=True)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        server_log = log_path.read_text("utf-8", errors="replace")
-        asyncio.run(drop_scratch(db_name, prefix))
-        shutil.rmtree(workdir, ignore_errors=True)
-    if "Traceback" in server_log:
-        print(server_log[-3000:], file=sys.stderr)
+    if "Traceback" in server.log:
+        print(server.log[-3000:], file=sys.stderr)
     result = {
         "clients": args.clients,
         "points": DEVICES * POINTS_PER_DEVICE,

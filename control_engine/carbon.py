@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from control_engine.forecast import MonthForecast, MonthForecaster, month_bounds, month_key
-from control_engine.ledger import CarbonLedger, LedgerUpdate, Restatement
+from control_engine.ledger import CarbonLedger, LedgerUpdate, Restatement, ancestry
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import Basis, QuotaAlerts, QuotaCrossing, QuotaStatus
 from scada.model import UTC, Clock, NodeId, PointId, Reading
@@ -377,6 +377,8 @@ class CarbonService:
         self._last_forecast_s = -float("inf")
         self.forecasts: dict[NodeId, MonthForecast] = {}
         """The latest forecast per node (this month)."""
+        self.quotas: list[Quota] = []
+        """The quotas of the month as last evaluated (the controller's budgets read them here)."""
         self.crossings: list[QuotaCrossing] = []
         """Every crossing this process raised (most recent last; capped)."""
 
@@ -456,17 +458,11 @@ class CarbonService:
     def _learn(self, hours: Sequence[tuple[NodeId, datetime, float]]) -> None:
         per_hour: dict[datetime, dict[NodeId, float]] = defaultdict(lambda: defaultdict(float))
         for node, hour, kg in hours:
-            for ancestor in self._chain(node):
+            for ancestor in ancestry(self._parents, node):
                 per_hour[hour][ancestor] += kg
         for hour in sorted(per_hour):
             for node, kg in per_hour[hour].items():
                 self._forecaster.learn_hour(node, hour, kg)
-
-    def _chain(self, node: NodeId) -> list[NodeId]:
-        chain = [node]
-        while (parent := self._parents.get(chain[-1])) is not None:
-            chain.append(parent)
-        return chain
 
     async def month_actuals(self, now: datetime) -> dict[NodeId, list[float]]:
         """Return this month's kgCO2e so far per node, rolled up, as ``[scope 1, scope 2]``."""
@@ -474,7 +470,7 @@ class CarbonService:
         own = await self._store.own_totals(start.astimezone(UTC), now + timedelta(hours=1))
         totals: dict[NodeId, list[float]] = {node: [0.0, 0.0] for node in self._parents}
         for node, (scope1, scope2) in own.items():
-            for ancestor in self._chain(node):
+            for ancestor in ancestry(self._parents, node):
                 cell = totals.setdefault(ancestor, [0.0, 0.0])
                 cell[0] += scope1
                 cell[1] += scope2
@@ -492,7 +488,8 @@ class CarbonService:
             "ledger", {"month": month, "nodes": {n: [round(v, 3) for v in kg] for n, kg in actuals.items()}}
         )
         crossings: list[QuotaCrossing] = []
-        for quota in await self._store.quotas(month=month):
+        self.quotas = await self._store.quotas(month=month)
+        for quota in self.quotas:
             forecast = self.forecasts.get(quota.node)
             if forecast is None:
                 continue
@@ -563,7 +560,7 @@ class CarbonService:
                 "threshold": crossing.threshold_pct,
             },
         )
-        await self._notifier.send(notification, self._chain(crossing.node)[1:])
+        await self._notifier.send(notification, ancestry(self._parents, crossing.node)[1:])
 
     async def _emit(self, kind: str, body: Mapping[str, Any]) -> None:
         if self._publish is None:

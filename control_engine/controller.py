@@ -84,9 +84,6 @@ class ControlService:
         self._deadline_s = decide_deadline_s
         self._state = ControllerState()
         self._history = CommandHistory()
-        self._asked: dict[str, tuple[float, str]] = {}
-        """Point -> (value, rule) last handed to the dispatcher and still in force or waiting."""
-        self.last_decision: Decision | None = None
 
     async def cycle(self) -> Decision | None:
         """Run one control cycle; return its decision (None if it overran its deadline)."""
@@ -109,7 +106,6 @@ class ControlService:
             await self._note("controller", "control.overrun", "controller", {"deadline_s": self._deadline_s})
             return None
         self._state = decision.state
-        self.last_decision = decision
         for change in decision.transitions:
             await self._note(
                 "controller",

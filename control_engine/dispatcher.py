@@ -367,37 +367,29 @@ class Dispatcher:
         )
         if sending is None:
             return await self._store.get(dispatch.id) or dispatch
-        result, attempts = await self._send_with_retries(sending.point, sending.value, sending, revert=False)
+        result, attempts = await self._send_with_retries(sending, sending.value, revert=False)
         body = _result_json(result, attempts)
-        if result is not None and result.status is CommandStatus.VERIFIED:
-            done = await self._store.transition(
-                sending.id,
-                [DispatchState.SENDING],
-                DispatchState.VERIFIED,
-                result=body,
-                correlation_id=result.correlation_id,
-            )
-        else:
-            done = await self._store.transition(
-                sending.id,
-                [DispatchState.SENDING],
-                DispatchState.FAILED,
-                result=body,
-                correlation_id=result.correlation_id if result is not None else None,
-            )
+        verified = result is not None and result.status is CommandStatus.VERIFIED
+        done = await self._store.transition(
+            sending.id,
+            [DispatchState.SENDING],
+            DispatchState.VERIFIED if verified else DispatchState.FAILED,
+            result=body,
+            correlation_id=result.correlation_id if result is not None else None,
+        )
         final = done or sending
         await self._note("dispatcher", f"dispatch.{final.state.value}", final, body)
         return final
 
     async def _send_with_retries(
-        self, point: PointId, value: float, dispatch: Dispatch, *, revert: bool
+        self, dispatch: Dispatch, value: float, *, revert: bool
     ) -> tuple[CommandResult | None, int]:
         result: CommandResult | None = None
         attempts = 0
         for attempt in range(self._retries + 1):
             attempts = attempt + 1
             command = Command(
-                point=point,
+                point=dispatch.point,
                 value=value,
                 priority=_priority(dispatch.priority),
                 source=f"dispatch:{dispatch.id}",
@@ -435,7 +427,7 @@ class Dispatcher:
                 )
             else:
                 result, attempts = await self._send_with_retries(
-                    reverting.point, reverting.previous_value, reverting, revert=True
+                    reverting, reverting.previous_value, revert=True
                 )
                 ok = result is not None and result.status is CommandStatus.VERIFIED
                 done = await self._store.transition(

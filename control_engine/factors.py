@@ -415,10 +415,7 @@ class FactorLibrary:
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
+            raise ConfigError.of_yaml(source, err) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping with 'version', 'changelog' and 'factors'")
         try:

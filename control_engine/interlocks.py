@@ -33,13 +33,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from control_engine.control_config import ControlConfig, PointInterlock
-from control_engine.rules import ControlSnapshot, OperatorHoldKind, Proposal
+from control_engine.rules import ON_THRESHOLD, ControlSnapshot, OperatorHoldKind, Proposal
 from scada.model import PointId, Priority, split_point_id
 
 __all__ = ["Clamped", "CommandHistory", "CommandRecord", "Dispatch", "Interlocks"]
-
-ON_THRESHOLD = 0.5
-"""An on/off point is on at or above this value."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

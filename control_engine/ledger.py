@@ -34,6 +34,7 @@ rows is returned as a :class:`Restatement` (old and new value and why) for the a
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 from collections import defaultdict
@@ -65,6 +66,7 @@ __all__ = [
     "LedgerUpdate",
     "Restatement",
     "RowSource",
+    "ancestry",
 ]
 
 HOUR_S: Final = 3600
@@ -176,6 +178,8 @@ class _Group:
     carrier: Carrier
     depth: int
     parent: int | None = None
+    children: list[int] = field(default_factory=list)
+    """Balance nodes whose supply this one books as consumption."""
     specs: list[_Spec] = field(default_factory=list)
     metered_supply: bool = False
     has_storage: bool = False
@@ -228,14 +232,14 @@ class CarbonLedger:
         self._summaries: dict[tuple[int, int], list[float]] = {}
         """(spec index, hour) -> counter [first_ts, first, last_ts, last] or rate [sum, n, first_ts,
         last_ts]."""
-        self._point_hours: list[set[int]] = [set() for _ in self._specs]
+        self._hours: list[list[int]] = [[] for _ in self._specs]
+        """Per spec, the hours it has a summary for, ascending (the keys of ``_summaries``, ordered)."""
         self._dirty: dict[int, set[int]] = defaultdict(set)
         """hour -> groups to recompute."""
         self._late: dict[tuple[int, int], set[str]] = defaultdict(set)
         self._rows: dict[tuple[int, int], dict[tuple[NodeId, Carrier, RowSource], LedgerRow]] = {}
         self._balances: dict[tuple[int, int], _Balance] = {}
         self._new_rows: dict[int, dict[tuple[NodeId, Carrier, RowSource], LedgerRow]] = {}
-        self._latest_hour: list[int] = [0 for _ in self._specs]
         self._offsets: dict[int, int] = {}
         self._factor_cache: dict[tuple[Carrier, int], tuple[float, str, int]] = {}
         self._oldest_hour = -math.inf
@@ -253,12 +257,6 @@ class CarbonLedger:
             if depth > len(self._parents):
                 raise ConfigError(f"the hierarchy has a cycle through {node!r}")
         return depth
-
-    def _ancestry(self, node: NodeId) -> list[NodeId]:
-        chain: list[NodeId] = [node]
-        while (parent := self._parents.get(chain[-1])) is not None:
-            chain.append(parent)
-        return chain
 
     def _build(self, points: Sequence[LedgerPoint]) -> None:
         booked = [p for p in points if p.role is not LedgerRole.NONE]
@@ -296,14 +294,16 @@ class CarbonLedger:
                 continue
             above = self._balance_node(parent_node, supply_nodes[group.carrier])
             if above in supply_nodes[group.carrier]:
-                group.parent = group_for(above, group.carrier).index
+                parent = group_for(above, group.carrier)
+                group.parent = parent.index
+                parent.children.append(group.index)
 
     def _carrier_of(self, p: LedgerPoint) -> Carrier:
         """Return the carrier whose balance a point takes part in: PV and storage balance electricity."""
         return Carrier.ELECTRICITY if p.carrier in (Carrier.PV, Carrier.STORAGE) else p.carrier
 
     def _balance_node(self, node: NodeId, supplied: set[NodeId]) -> NodeId:
-        chain = self._ancestry(node)
+        chain = ancestry(self._parents, node)
         for candidate in chain:
             if candidate in supplied or self._levels.get(candidate) is NodeLevel.ENTERPRISE:
                 return candidate
@@ -376,7 +376,7 @@ class CarbonLedger:
                     continue
                 if summary is None:
                     summaries[key] = [value, 1.0, ts, ts]
-                    self._point_hours[spec.index].add(hour)
+                    self._add_hour(spec, hour)
                 else:
                     summary[0] += value
                     summary[1] += 1.0
@@ -386,7 +386,7 @@ class CarbonLedger:
                         summary[3] = ts
             elif summary is None:
                 summaries[key] = [ts, value, ts, value]
-                self._point_hours[spec.index].add(hour)
+                self._add_hour(spec, hour)
                 self._touch_next(spec, hour)
             elif ts < summary[0]:
                 summary[0], summary[1] = ts, value
@@ -405,14 +405,18 @@ class CarbonLedger:
             taken += 1
         return taken
 
+    def _add_hour(self, spec: _Spec, hour: int) -> None:
+        hours = self._hours[spec.index]
+        if not hours or hour > hours[-1]:
+            hours.append(hour)  # the usual case: a new hour of live data
+        else:
+            bisect.insort(hours, hour)
+
     def _touch_next(self, spec: _Spec, hour: int) -> None:
         """Mark the next hour with data: a counter's last value in ``hour`` changed, and it starts there."""
-        if hour >= self._latest_hour[spec.index]:
-            self._latest_hour[spec.index] = hour
-            return
-        later = [h for h in self._point_hours[spec.index] if h > hour]
-        if later:
-            self._dirty[min(later)].add(spec.group)
+        hours = self._hours[spec.index]
+        if hours[-1] > hour:
+            self._dirty[hours[bisect.bisect_right(hours, hour)]].add(spec.group)
 
     # -- warm start ------------------------------------------------------------------------------
 
@@ -438,12 +442,13 @@ class CarbonLedger:
             return
         hour = self.hour_of(hour_start.timestamp())
         first_s, last_s = first_ts.timestamp(), last_ts.timestamp()
+        if (spec.index, hour) not in self._summaries:
+            self._add_hour(spec, hour)
         if spec.rate:
             self._summaries[spec.index, hour] = [total, float(count), first_s, last_s]
             spec.warm_until = max(spec.warm_until, last_s)
         else:
             self._summaries[spec.index, hour] = [first_s, first, last_s, last]
-        self._point_hours[spec.index].add(hour)
         self._dirty[hour].add(spec.group)
 
     # -- computing buckets -----------------------------------------------------------------------
@@ -463,14 +468,13 @@ class CarbonLedger:
             hour = min(self._dirty)
             groups = self._dirty.pop(hour)
             hours.append(datetime.fromtimestamp(hour, UTC))
+            # A child's supply is its parent's consumption: recompute parents this hour too, after
+            # their children (deepest first).
+            groups |= {p for g in groups if (p := self._groups[g].parent) is not None}
             supply_of: dict[int, float] = {}
             for group in sorted((self._groups[g] for g in groups), key=lambda g: -g.depth):
                 self._compute_group(group, hour, supply_of)
-            # A child's supply is its parent's consumption: recompute parents this hour too.
-            parents = {self._groups[g].parent for g in groups if self._groups[g].parent is not None} - groups
-            for parent in sorted((self._groups[p] for p in parents if p is not None), key=lambda g: -g.depth):
-                self._compute_group(parent, hour, supply_of)
-            for group_index in groups | {p for p in parents if p is not None}:
+            for group_index in groups:
                 new = self._new_rows.pop(group_index)
                 old = self._rows.get((group_index, hour), {})
                 self._rows[group_index, hour] = new
@@ -542,11 +546,7 @@ class CarbonLedger:
                     discharged += activity
                     entry[1] += activity
                 entry[2] += 1
-        from_below = sum(
-            supply_of.get(child.index, self._stored_supply(child.index, hour))
-            for child in self._groups
-            if child.parent == group.index
-        )
+        from_below = sum(supply_of.get(child, self._stored_supply(child, hour)) for child in group.children)
         used = consumption + from_below
         if not group.metered_supply:
             supply = max(0.0, used + charged - generated - discharged)
@@ -650,13 +650,12 @@ class CarbonLedger:
             span = last_ts - first_ts
             covered = span + (span / (count - 1) if count > 1 else 0.0)
             return total / count * min(covered, HOUR_S) / HOUR_S
-        previous = None
-        for back in range(1, self._window_s // HOUR_S + 1):
-            earlier = self._summaries.get((spec.index, hour - back * HOUR_S))
-            if earlier is not None:
-                previous = earlier[3]
-                break
-        start = previous if previous is not None else summary[1]
+        hours = self._hours[spec.index]
+        at = bisect.bisect_left(hours, hour)
+        if at > 0 and hours[at - 1] >= hour - self._window_s:
+            start = self._summaries[spec.index, hours[at - 1]][3]  # the last value of the hour before
+        else:
+            start = summary[1]
         return _counter_step(start, summary[3], spec.point.counter_wrap)
 
     def _factor(self, carrier: Carrier, hour: int, at: datetime) -> tuple[float, str, int]:
@@ -677,8 +676,8 @@ class CarbonLedger:
         self._oldest_hour = oldest
         for key in [k for k in self._summaries if k[1] < oldest]:
             del self._summaries[key]
-        for hours in self._point_hours:
-            hours.difference_update([h for h in hours if h < oldest])
+        for hours in self._hours:
+            del hours[: bisect.bisect_left(hours, oldest)]
         for key in [k for k in self._rows if k[1] < oldest]:
             del self._rows[key]
         for key in [k for k in self._balances if k[1] < oldest - BATTERY_MEMORY_H * HOUR_S]:
@@ -698,11 +697,23 @@ class CarbonLedger:
         """Return kgCO2e per node and hour as ``[scope 1, scope 2]``, rolled up to the ancestors."""
         out: dict[NodeId, dict[datetime, list[float]]] = defaultdict(dict)
         for row in self.rows():
-            chain = self._ancestry(row.node) if ancestors else [row.node]
+            chain = ancestry(self._parents, row.node) if ancestors else [row.node]
             for node in chain:
                 cell = out[node].setdefault(row.hour, [0.0, 0.0])
                 cell[row.scope - 1] += row.co2e_kg
         return dict(out)
+
+
+def ancestry(parents: Mapping[NodeId, NodeId | None], node: NodeId) -> list[NodeId]:
+    """Return ``node`` and its ancestors, nearest first.
+
+    >>> ancestry({NodeId("ws"): NodeId("ent"), NodeId("ent"): None}, NodeId("ws"))
+    ['ws', 'ent']
+    """
+    chain = [node]
+    while (parent := parents.get(chain[-1])) is not None:
+        chain.append(parent)
+    return chain
 
 
 def _same(a: LedgerRow, b: LedgerRow) -> bool:

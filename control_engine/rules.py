@@ -51,7 +51,7 @@ from control_engine.control_config import (
     StorageRule,
 )
 from control_engine.forecast import MonthForecast
-from scada.model import DeviceId, NodeId, PointId, Priority, QualityCode, Reading
+from scada.model import DeviceId, NodeId, PointId, Priority, QualityCode
 
 __all__ = [
     "EVALUATORS",
@@ -77,6 +77,8 @@ __all__ = [
 ]
 
 HOUR = timedelta(hours=1)
+ON_THRESHOLD = 0.5
+"""An on/off point (a switch, a "job running" flag) is on at or above this value."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,20 +157,6 @@ class PointState:
     def __post_init__(self) -> None:
         if self.ts.tzinfo is None:
             raise ValueError(f"point state {self.point}: ts must be timezone-aware")
-
-    @classmethod
-    def from_reading(
-        cls, reading: Reading, *, writable: bool = False, max_age_s: float | None = None
-    ) -> PointState:
-        """Return the state of a point from its latest reading."""
-        return cls(
-            point=reading.point,
-            value=reading.value,
-            quality=reading.quality.code,
-            ts=reading.ts,
-            writable=writable,
-            max_age_s=max_age_s,
-        )
 
 
 class OperatorHoldKind(enum.StrEnum):
@@ -469,7 +457,7 @@ def _shift(rule: RuleConfig, ctx: RuleContext) -> list[Target]:
     params = rule.parameters
     snapshot, now = ctx.snapshot, ctx.snapshot.now
     [target] = rule.targets
-    if params.running_point is not None and ctx.value(params.running_point) >= 0.5:
+    if params.running_point is not None and ctx.value(params.running_point) >= ON_THRESHOLD:
         raise RuleSkipped("a job is running: a running job is never moved")
     next_hour = ctx.value(params.start_point)
     if next_hour < 0:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from anomaly.alarms import AlarmDefinition, AlarmPriority, ConditionKind, DeadbandUnit
+from anomaly.alarm_model import AlarmDefinition, AlarmPriority, ConditionKind, DeadbandUnit
 from anomaly.detectors import DetectorSpec, PointMonitor
 from anomaly.service import MonitoredPoint
 from control_engine.factors import FactorLibrary
+from scada.catalog import node_tree
 from scada.config import DeviceConfig, SiteConfig
 from scada.model import Carrier, NodeId, NodeLevel, PointKind, Unit, make_point_id
 
@@ -26,19 +27,15 @@ ANOMALY_SUFFIX = ":anomaly"
 
 
 def consoles_by_node(site: SiteConfig) -> dict[NodeId, str]:
-    """Return the console of each node: its enterprise (or itself above enterprise level)."""
-    parents: dict[NodeId, NodeId | None] = {}
-    levels: dict[NodeId, NodeLevel] = {}
-    for config, parent in site.iter_nodes():
-        parents[NodeId(config.id)], levels[NodeId(config.id)] = parent, config.level
-    consoles: dict[NodeId, str] = {}
-    for node in parents:
-        chain: list[NodeId] = [node]
-        while (above := parents.get(chain[-1])) is not None:
-            chain.append(above)
-        enterprise = next((n for n in chain if levels[n] is NodeLevel.ENTERPRISE), None)
-        consoles[node] = enterprise if enterprise is not None else node
-    return consoles
+    """Return the console of each node: its nearest enterprise (or itself above enterprise level)."""
+    parents, levels = node_tree(site)
+    enterprise: dict[NodeId, NodeId | None] = {}
+    for node, parent in parents.items():  # parents come before their children
+        if levels[node] is NodeLevel.ENTERPRISE:
+            enterprise[node] = node
+        else:
+            enterprise[node] = None if parent is None else enterprise[parent]
+    return {node: node if above is None else above for node, above in enterprise.items()}
 
 
 def alarm_definitions(site: SiteConfig) -> list[AlarmDefinition]:

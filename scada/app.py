@@ -19,7 +19,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -32,7 +31,8 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmPriority
+from anomaly.alarm_model import AlarmEvent, AlarmPriority
+from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
 from control_engine.controller import ControlService, dispatch_modes
@@ -61,9 +61,9 @@ from scada.api.routes import (
     DeadLetterView,
     add_routes,
 )
-from scada.audit import AuditLog
+from scada.audit import AuditLog, AuditRecord
 from scada.auth_store import AuthStore
-from scada.catalog import SiteCatalog, ledger_points, node_tree, sync_catalog
+from scada.catalog import SiteCatalog, ledger_points, sync_catalog
 from scada.config import SiteConfig
 from scada.db import create_pool, migrate
 from scada.gateway import Gateway
@@ -75,6 +75,7 @@ from scada.model import (
     ConfigError,
     NodeId,
     PointId,
+    Reading,
     ServiceError,
     StreamName,
 )
@@ -216,15 +217,16 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _security(app: web.Application) -> AsyncIterator[None]:
     """Tenants, the token signer, the audit log and the bootstrap admin (docs/security.md)."""
     settings, site = app[SETTINGS], app[CATALOG].site
-    parents, _levels = node_tree(site)
-    tree = NodeTree({str(k): v for k, v in parents.items()})
+    tree = NodeTree({str(k): v for k, v in app[CATALOG].parents.items()})
     store = AuthStore(app[_POOL], tree, timeout_s=settings.service_timeout_s)
     await store.sync_tenants(site)
     audit = AuditLog(app[_POOL], timeout_s=settings.service_timeout_s)
     key = (
         settings.secret_key.encode()
         if settings.secret_key
-        else await asyncio.to_thread(_stored_key, settings)
+        else await asyncio.to_thread(
+            settings.private_file, "token-signing.key", lambda: secrets.token_bytes(32)
+        )
     )
     app[AUTH] = AuthContext(TokenSigner(key), store, tree, audit, app[CATALOG])
     document = json.dumps(site.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
@@ -254,20 +256,6 @@ async def _security(app: web.Application) -> AsyncIterator[None]:
             )
             _LOGGER.info("created the bootstrap admin %s of tenant %s", username, tenant)
     yield
-
-
-def _stored_key(settings: Settings) -> bytes:
-    """Return the token signing key kept in the data directory, making it on first use (0600)."""
-    path = settings.data_dir / "token-signing.key"
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        key = secrets.token_bytes(32)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key)
-        return key
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
@@ -405,7 +393,7 @@ async def _start_carbon(app: web.Application, consumer_name: str) -> None:
     site = app[CATALOG].site
     prefix = settings.stream_prefix
     events_key = stream_key(prefix, StreamName.EVENTS)
-    parents, levels = node_tree(site)
+    parents, levels = app[CATALOG].parents, app[CATALOG].levels
     ledger = CarbonLedger(
         ledger_points(site, app[FACTORS]),
         parents,
@@ -427,25 +415,29 @@ async def _start_carbon(app: web.Application, consumer_name: str) -> None:
     audit_log = app[AUTH].audit
 
     async def audit_restatements(restated: Sequence[Restatement]) -> None:
-        for r in restated:
-            await audit_log.append(
-                actor="ledger",
-                action="ledger.restate",
-                target=f"ledger:{r.node}:{r.hour.isoformat()}:{r.carrier.value}:{r.source.value}",
-                detail={
-                    "old_co2e_kg": r.old_co2e_kg,
-                    "new_co2e_kg": r.new_co2e_kg,
-                    "old_activity": r.old_activity,
-                    "new_activity": r.new_activity,
-                    "reason": r.reason,
-                },
-            )
+        await audit_log.append_many(
+            [
+                AuditRecord(
+                    actor="ledger",
+                    action="ledger.restate",
+                    target=f"ledger:{r.node}:{r.hour.isoformat()}:{r.carrier.value}:{r.source.value}",
+                    detail={
+                        "old_co2e_kg": r.old_co2e_kg,
+                        "new_co2e_kg": r.new_co2e_kg,
+                        "old_activity": r.old_activity,
+                        "new_activity": r.new_activity,
+                        "reason": r.reason,
+                    },
+                )
+                for r in restated
+            ]
+        )
 
     plant.carbon = app[CARBON] = CarbonService(
         ledger,
         app[CARBON_STORE],
         parents,
-        {NodeId(node.id): node.name for node, _parent in site.iter_nodes()},
+        app[CATALOG].names,
         clock=clock,
         timezone=site.site.timezone,
         forecaster=MonthForecaster(site.site.timezone),
@@ -525,9 +517,8 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
     prefix, timeout_s = settings.stream_prefix, settings.service_timeout_s
     alarms_key = stream_key(prefix, StreamName.ALARMS)
     definitions = alarm_definitions(site)
-    parents_by_id, _levels = node_tree(site)
-    parents: dict[str, str | None] = {str(k): v for k, v in parents_by_id.items()}
-    names = {node.id: node.name for node, _parent in site.iter_nodes()}
+    parents: dict[str, str | None] = {str(k): v for k, v in app[CATALOG].parents.items()}
+    names, tree = app[CATALOG].names, app[AUTH].tree
 
     def make_engine(snapshot: Mapping[str, Any] | None) -> AlarmEngine:
         if snapshot is None:
@@ -548,16 +539,11 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
         text = event.message
         if "excess_kwh" in extra:
             text = energy_message(event.message, extra)
-        chain: list[str] = []
-        node: str | None = parents.get(event.node)
-        while node is not None:
-            chain.append(node)
-            node = parents.get(node)
         await plant.notifier.send(
             Notification(
                 id=event.key,
                 node=event.node,
-                node_name=names.get(event.node, event.node),
+                node_name=names.get(NodeId(event.node), event.node),
                 severity=_SEVERITY_BY_PRIORITY[event.priority],
                 title=f"告警 Alarm P{int(event.priority)} {event.to_state.value}: {event.message}"[:200],
                 text=text,
@@ -569,7 +555,7 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
                     **{k: v for k, v in extra.items() if k in ("excess_kwh", "excess_kgco2e")},
                 },
             ),
-            chain,
+            tree.chain(event.node)[1:],
         )
 
     service = AnomalyService(
@@ -616,9 +602,12 @@ def _start_dispatcher(app: web.Application) -> None:
 
     hub = app[HUB]
 
-    async def latest(point: PointId) -> float | None:
+    async def current(point: PointId) -> Reading | None:
         # The live hub when this process feeds one (api role), else the newest stored reading.
-        reading = hub.latest(point) or await store.latest(point)
+        return hub.latest(point) or await store.latest(point)
+
+    async def latest(point: PointId) -> float | None:
+        reading = await current(point)
         return reading.value if reading is not None and reading.quality.is_good else None
 
     async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
@@ -626,7 +615,7 @@ def _start_dispatcher(app: web.Application) -> None:
 
     site = app[CATALOG].site
     control = site.control
-    nodes = [node.id for node, _parent in site.iter_nodes()]
+    nodes = list(app[CATALOG].parents)
     dispatcher = app[DISPATCHER] = Dispatcher(
         app[DISPATCH_STORE],
         send,
@@ -639,35 +628,27 @@ def _start_dispatcher(app: web.Application) -> None:
     plant.supervisor.spawn(dispatcher.run(), name="dispatcher")
     if control is None:
         return
-    catalog, carbon_store, factors = app[CATALOG], app[CARBON_STORE], app[FACTORS]
+    catalog, factors = app[CATALOG], app[FACTORS]
     zone = ZoneInfo(site.site.timezone)
 
     async def budgets() -> dict[str, NodeBudget]:
+        # The quotas and forecasts the carbon service evaluated last (every minute): no query here.
         carbon = plant.carbon
         if carbon is None:
             return {}
-        now = clock.now()
-        month = month_key(now.astimezone(zone))
-        out: dict[str, NodeBudget] = {}
-        for quota in await carbon_store.quotas(month=month):
-            forecast = carbon.forecasts.get(quota.node)
-            if forecast is None or forecast.month != month:
-                continue
-            out[quota.node] = NodeBudget(
-                node=quota.node,
-                month=month,
-                quota_t=quota.quota_t,
-                actual_t=forecast.actual_kg / 1000,
-                forecast_t=forecast.forecast_kg / 1000,
-                forecast_high_t=forecast.high_kg / 1000,
-                computed_at=forecast.computed_at,
-            )
-        return out
+        month = month_key(clock.now().astimezone(zone))
+        return {
+            quota.node: NodeBudget.from_forecast(forecast, quota_t=quota.quota_t)
+            for quota in carbon.quotas
+            if quota.month == month
+            and (forecast := carbon.forecasts.get(quota.node)) is not None
+            and forecast.month == month
+        }
 
     async def points(watched: Sequence[PointId]) -> dict[str, PointState]:
         out: dict[str, PointState] = {}
         for point in watched:
-            reading = hub.latest(point) or await store.latest(point)
+            reading = await current(point)
             if reading is None:
                 continue
             entry = catalog.point(point)

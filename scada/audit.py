@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -28,7 +28,7 @@ import asyncpg
 
 from scada.model import UTC
 
-__all__ = ["GENESIS", "AuditEntry", "AuditLog", "AuditReport", "entry_hash"]
+__all__ = ["GENESIS", "AuditEntry", "AuditLog", "AuditRecord", "AuditReport", "entry_hash"]
 
 GENESIS: Final = "0" * 64
 """The ``prev_hash`` of the first entry."""
@@ -62,6 +62,17 @@ class AuditEntry:
             "prev_hash": self.prev_hash,
             "hash": self.hash,
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord:
+    """What to append: who did what to what (the chain adds the sequence number, time and hashes)."""
+
+    actor: str
+    action: str
+    target: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,41 +140,79 @@ class AuditLog:
         at: datetime | None = None,
     ) -> AuditEntry:
         """Append one entry to the chain and return it."""
+        record = AuditRecord(actor=actor, action=action, target=target, detail=detail or {}, tenant=tenant)
+        [entry] = await self.append_many([record], at=at)
+        return entry
+
+    async def append_many(
+        self, records: Sequence[AuditRecord], *, at: datetime | None = None
+    ) -> list[AuditEntry]:
+        """Append several entries of one action (same time) in one transaction; return them in order."""
+        if not records:
+            return []
         at = (at or datetime.now(UTC)).astimezone(UTC)
         # JSON round trip: the stored jsonb must hash the same as what we hash now.
-        clean: dict[str, Any] = json.loads(json.dumps(dict(detail or {}), default=str))
+        details: list[dict[str, Any]] = [json.loads(json.dumps(dict(r.detail), default=str)) for r in records]
         async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=self._timeout_s)
             head = await conn.fetchrow(
                 "SELECT seq, hash FROM audit_head WHERE id = 1", timeout=self._timeout_s
             )
-            seq = (head["seq"] if head else 0) + 1
-            prev = head["hash"] if head else GENESIS
-            digest = entry_hash(
-                prev, seq=seq, at=at, tenant=tenant, actor=actor, action=action, target=target, detail=clean
-            )
-            await conn.execute(
+            seq, prev = (head["seq"], head["hash"]) if head else (0, GENESIS)
+            out: list[AuditEntry] = []
+            for record, clean in zip(records, details, strict=True):
+                seq += 1
+                digest = entry_hash(
+                    prev,
+                    seq=seq,
+                    at=at,
+                    tenant=record.tenant,
+                    actor=record.actor,
+                    action=record.action,
+                    target=record.target,
+                    detail=clean,
+                )
+                out.append(
+                    AuditEntry(
+                        seq,
+                        at,
+                        record.tenant,
+                        record.actor,
+                        record.action,
+                        record.target,
+                        clean,
+                        prev,
+                        digest,
+                    )
+                )
+                prev = digest
+            await conn.executemany(
                 """INSERT INTO audit_log (seq, at, tenant_id, actor, action, target, detail, prev_hash, hash)
                    VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)""",
-                seq,
-                at,
-                tenant,
-                actor,
-                action,
-                target,
-                json.dumps(clean, ensure_ascii=False),
-                prev,
-                digest,
+                [
+                    (
+                        e.seq,
+                        e.at,
+                        e.tenant,
+                        e.actor,
+                        e.action,
+                        e.target,
+                        json.dumps(e.detail, ensure_ascii=False),
+                        e.prev_hash,
+                        e.hash,
+                    )
+                    for e in out
+                ],
                 timeout=self._timeout_s,
             )
             await conn.execute(
                 """INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2)
                    ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash""",
                 seq,
-                digest,
+                prev,
                 timeout=self._timeout_s,
             )
-        return AuditEntry(seq, at, tenant, actor, action, target, clean, prev, digest)
+        return out
 
     async def entries(
         self,

@@ -8,6 +8,7 @@ stops working within that time in every process (at once in the one that revoked
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -43,6 +44,9 @@ LOCKOUT_S: Final = 900.0
 KEY_CACHE_S: Final = 30.0
 _DUMMY_HASH: Final = hash_password("not-a-real-password")
 """Verified against when the user does not exist, so a login takes as long either way."""
+_USER_GRANTS: Final = """coalesce((SELECT json_agg(json_build_array(g.node_id, g.role) ORDER BY g.id)
+                                 FROM grants g WHERE g.user_id = u.id), '[]') AS grants"""
+"""A select-list item: the grants of user ``u`` as a JSON list of [node, role] (see :func:`_grants`)."""
 
 
 class LockedOut(Exception):
@@ -131,7 +135,7 @@ class AuthStore:
     async def create_user(self, tenant: str, username: str, password: str, grants: Sequence[Grant]) -> int:
         """Create a user with grants; raise ValueError naming a bad field, KeyError if it exists."""
         self._check_grants(tenant, grants)
-        hashed = hash_password(password)
+        hashed = await asyncio.to_thread(hash_password, password)  # argon2: tens of ms of CPU
         async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
             try:
                 user_id = await conn.fetchval(
@@ -180,19 +184,22 @@ class AuthStore:
         """Check a password; return the principal and user id. Raise AuthError or LockedOut."""
         async with self._pool.acquire(timeout=self._timeout_s) as conn:
             row = await conn.fetchrow(
-                """SELECT id, password_hash, disabled, failed_logins, locked_until FROM users
-                   WHERE tenant_id = $1 AND username = $2""",
+                f"""SELECT u.id, u.password_hash, u.disabled, u.failed_logins, u.locked_until,
+                           {_USER_GRANTS}
+                    FROM users u WHERE u.tenant_id = $1 AND u.username = $2""",  # noqa: S608 -- constant
                 tenant,
                 username,
                 timeout=self._timeout_s,
             )
             now = datetime.now(UTC)
             if row is None:
-                verify_password(_DUMMY_HASH, password)  # the same time as a wrong password
+                await asyncio.to_thread(verify_password, _DUMMY_HASH, password)  # as long as a wrong one
                 raise AuthError("wrong tenant, username or password")
             if row["locked_until"] is not None and row["locked_until"] > now:
                 raise LockedOut((row["locked_until"] - now).total_seconds())
-            if row["disabled"] or not verify_password(row["password_hash"], password):
+            if row["disabled"] or not await asyncio.to_thread(
+                verify_password, row["password_hash"], password
+            ):
                 failed = row["failed_logins"] + 1
                 locked = now + timedelta(seconds=LOCKOUT_S) if failed >= MAX_FAILED_LOGINS else None
                 await conn.execute(
@@ -211,21 +218,14 @@ class AuthStore:
                     row["id"],
                     timeout=self._timeout_s,
                 )
-            return await self._user_principal(conn, tenant, username, row["id"]), int(row["id"])
+        return self._user_principal(tenant, username, row["grants"]), int(row["id"])
 
-    async def _user_principal(
-        self, conn: asyncpg.Connection, tenant: str, username: str, user_id: int
-    ) -> Principal:
-        grants = await conn.fetch(
-            "SELECT node_id, role FROM grants WHERE user_id = $1 ORDER BY id",
-            user_id,
-            timeout=self._timeout_s,
-        )
+    def _user_principal(self, tenant: str, username: str, grants_json: str) -> Principal:
         return Principal(
             tenant=tenant,
             subject=username,
             kind=PrincipalKind.USER,
-            grants=tuple(Grant(g["node_id"], Role(g["role"])) for g in grants),
+            grants=tuple(Grant(node, Role(role)) for node, role in json.loads(grants_json)),
             tenant_nodes=self.tenant_nodes(tenant),
         )
 
@@ -244,20 +244,19 @@ class AuthStore:
 
     async def use_refresh(self, token: str) -> tuple[Principal, int]:
         """Spend a refresh token (once); return the user's current principal. Raise AuthError."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+        async with self._pool.acquire(timeout=self._timeout_s) as conn:
             row = await conn.fetchrow(
-                """UPDATE refresh_tokens r SET used_at = now()
-                   FROM users u
-                   WHERE r.token_hash = $1 AND r.used_at IS NULL AND r.expires_at > now()
-                     AND u.id = r.user_id AND NOT u.disabled
-                   RETURNING u.id, u.tenant_id, u.username""",
+                f"""UPDATE refresh_tokens r SET used_at = now()
+                    FROM users u
+                    WHERE r.token_hash = $1 AND r.used_at IS NULL AND r.expires_at > now()
+                      AND u.id = r.user_id AND NOT u.disabled
+                    RETURNING u.id, u.tenant_id, u.username, {_USER_GRANTS}""",  # noqa: S608 -- constant
                 hash_secret(token),
                 timeout=self._timeout_s,
             )
-            if row is None:
-                raise AuthError("refresh token unknown, used or expired: log in again")
-            principal = await self._user_principal(conn, row["tenant_id"], row["username"], row["id"])
-        return principal, int(row["id"])
+        if row is None:
+            raise AuthError("refresh token unknown, used or expired: log in again")
+        return self._user_principal(row["tenant_id"], row["username"], row["grants"]), int(row["id"])
 
     async def revoke_refresh(self, token: str) -> None:
         """Spend a refresh token without using it (logout)."""
@@ -281,32 +280,31 @@ class AuthStore:
         if kind == "kiosk":
             grant = Grant(grant.node, Role.VIEWER)
         self._check_grants(tenant, [grant])
-        async with self._pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
-            key_id = await conn.fetchval(
-                """INSERT INTO api_keys (tenant_id, kind, name, secret_hash, created_by)
-                   VALUES ($1, $2, $3, '', $4) RETURNING id""",
+        async with self._pool.acquire(timeout=self._timeout_s) as conn:
+            # The secret names its id, so take the id first; the key and its grant go in as one statement.
+            key_id = int(
+                await conn.fetchval(
+                    "SELECT nextval(pg_get_serial_sequence('api_keys', 'id'))", timeout=self._timeout_s
+                )
+            )
+            secret = make_secret(kind, key_id)
+            await conn.execute(
+                """WITH k AS (
+                       INSERT INTO api_keys (id, tenant_id, kind, name, secret_hash, created_by)
+                       OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, tenant_id)
+                   INSERT INTO grants (tenant_id, key_id, node_id, role)
+                   SELECT tenant_id, id, $7, $8 FROM k""",
+                key_id,
                 tenant,
                 kind,
                 name,
-                created_by,
-                timeout=self._timeout_s,
-            )
-            secret = make_secret(kind, int(key_id))
-            await conn.execute(
-                "UPDATE api_keys SET secret_hash = $2 WHERE id = $1",
-                key_id,
                 hash_secret(secret),
-                timeout=self._timeout_s,
-            )
-            await conn.execute(
-                "INSERT INTO grants (tenant_id, key_id, node_id, role) VALUES ($1, $2, $3, $4)",
-                tenant,
-                key_id,
+                created_by,
                 grant.node,
                 grant.role.value,
                 timeout=self._timeout_s,
             )
-        return int(key_id), secret
+        return key_id, secret
 
     async def revoke_key(self, tenant: str, key_id: int) -> bool:
         """Revoke a key or kiosk token of a tenant; return False if there is none."""

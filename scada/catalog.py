@@ -154,7 +154,10 @@ class SiteCatalog:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
         self._devices = {DeviceId(d.id): d for d in site.devices}
-        self._nodes = frozenset(node.id for node, _parent in site.iter_nodes())
+        self.parents, self.levels = node_tree(site)
+        """Every node's parent (None for a root) and level."""
+        self.names: dict[NodeId, str] = {NodeId(node.id): node.name for node, _parent in site.iter_nodes()}
+        self._nodes = frozenset(self.parents)
         self._points = {
             make_point_id(d.id, p.key): PointEntry(make_point_id(d.id, p.key), d, p)
             for d in site.devices

@@ -296,16 +296,8 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo_password(settings: Settings) -> str:
     """Return the demo admin's password, made once and kept (0600) in the data directory."""
-    path = settings.data_dir / "demo-admin-password"
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        password = secrets.token_urlsafe(12)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(password + "\n")
-        return password
+    made = settings.private_file("demo-admin-password", lambda: secrets.token_urlsafe(12).encode() + b"\n")
+    return made.decode("utf-8").strip()
 
 
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> NoReturn:

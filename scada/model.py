@@ -469,6 +469,17 @@ class ConfigError(ScadaError):
         clean = message.removeprefix("Value error, ").replace("Tuple should", "List should")
         return cls(f"{source}: {''.join(parts) or 'document'}: {clean}")
 
+    @classmethod
+    def of_yaml(cls, source: str, err: Exception) -> ConfigError:
+        """Return the error of a YAML document that does not parse, with its line and column.
+
+        ``err`` is PyYAML's ``YAMLError`` (read by duck typing: the kernel does not import yaml).
+        """
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        return cls(f"{source}{where}: not valid YAML: {problem}")
+
 
 _VALIDATOR_STEP_RE = re.compile(r"^(function-after|function-before|function-wrap|tagged-union)\[.*\]$")
 

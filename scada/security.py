@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -51,6 +51,8 @@ REFRESH_TOKEN_TTL_S: Final = 7 * 86_400
 _KEY_PREFIX: Final = "ck"
 _VERIFIED_CACHE: Final = 50_000
 """Verified access tokens remembered per process (each ~1 KB)."""
+_VISIBLE_CACHE: Final = 10_000
+"""Distinct grant sets whose visible nodes a :class:`NodeTree` remembers."""
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 low-memory profile defaults of argon2-cffi
 
 
@@ -96,8 +98,10 @@ class NodeTree:
 
     def __init__(self, parents: Mapping[str, str | None]) -> None:
         self._parents = dict(parents)
+        self._roots = tuple(node for node, parent in self._parents.items() if parent is None)
         self._chains: dict[str, tuple[str, ...]] = {}
         self._descendants: dict[str, frozenset[str]] = {}
+        self._visible: dict[tuple[tuple[Grant, ...], frozenset[str]], frozenset[str]] = {}
 
     def __contains__(self, node: object) -> bool:
         return node in self._parents
@@ -114,15 +118,34 @@ class NodeTree:
             cached = self._chains[node] = tuple(out)
         return cached
 
-    def roots(self) -> list[str]:
+    def roots(self) -> tuple[str, ...]:
         """Return the nodes without a parent."""
-        return [node for node, parent in self._parents.items() if parent is None]
+        return self._roots
 
     def descendants(self, node: str) -> frozenset[str]:
         """Return the node and everything below it (computed once per node)."""
         cached = self._descendants.get(node)
         if cached is None:
             cached = self._descendants[node] = frozenset(n for n in self._parents if node in self.chain(n))
+        return cached
+
+    def visible(self, grants: tuple[Grant, ...], tenant_nodes: frozenset[str]) -> frozenset[str]:
+        """Return the nodes these grants reach inside the tenant's subtrees (computed once per grant set).
+
+        Every request of a caller asks this, so the answer is kept per distinct (grants, tenant
+        subtrees): there are as many as users, keys and kiosk tokens, not requests.
+        """
+        key = (grants, tenant_nodes)
+        cached = self._visible.get(key)
+        if cached is None:
+            if len(self._visible) >= _VISIBLE_CACHE:
+                self._visible.clear()
+            reached = [
+                self.descendants(g.node)
+                for g in grants
+                if g.node in self._parents and tenant_nodes.intersection(self.chain(g.node))
+            ]
+            cached = self._visible[key] = frozenset().union(*reached)
         return cached
 
 
@@ -159,13 +182,9 @@ class Principal:
         """Return True if this caller may read ``node``."""
         return self.role_on(node, tree) is not None
 
-    def visible(self, tree: NodeTree) -> set[str]:
+    def visible(self, tree: NodeTree) -> frozenset[str]:
         """Return every node this caller may read."""
-        out: set[str] = set()
-        for grant in self.grants:
-            if grant.node in tree and self.tenant_nodes.intersection(tree.chain(grant.node)):
-                out |= tree.descendants(grant.node)
-        return out
+        return tree.visible(self.grants, self.tenant_nodes)
 
     def top_nodes(self, tree: NodeTree) -> list[str]:
         """Return the highest visible nodes (the roots of what the caller sees), in grant order."""
@@ -178,7 +197,7 @@ class Principal:
         return bool(roots) and all(self.can(Role.ADMIN, root, tree) for root in roots)
 
 
-def _covered(node: str, visible: set[str], tree: NodeTree) -> bool:
+def _covered(node: str, visible: frozenset[str], tree: NodeTree) -> bool:
     return any(ancestor in visible for ancestor in tree.chain(node)[1:])
 
 
@@ -305,13 +324,3 @@ class TokenSigner:
             return principal, float(claims["exp"])
         except (KeyError, ValueError, TypeError) as err:
             raise AuthError(f"invalid access token claims: {err}") from None
-
-
-def grants_from(rows: Iterable[Mapping[str, Any]]) -> tuple[Grant, ...]:
-    """Return grants from ``(node_id, role)`` rows."""
-    return tuple(Grant(str(r["node_id"]), Role(r["role"])) for r in rows)
-
-
-def strongest(grants: Sequence[Grant]) -> Role | None:
-    """Return the strongest role among grants."""
-    return max((g.role for g in grants), key=lambda r: r.rank, default=None)

@@ -432,12 +432,8 @@ async def _check_mqtt(url: str, timeout_s: float, *, security: MqttSecurityConfi
     will use it, so a broker behind a private CA is probed as it will be connected to.
     """
     with _mqtt_errors():
-        parts = urlsplit(url)
-        if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"}:
-            raise ValueError(f"unsupported scheme {parts.scheme!r}: expected mqtt:// or mqtts://")
-        args = broker_connect_args(url, security)
-        host, port, user = args.host, args.port, args.username
-        password = args.password
+        args = broker_connect_args(url, security)  # ValueError for a scheme or URL it cannot use
+        host, port, user, password = args.host, args.port, args.username, args.password
         context: ssl.SSLContext | None = None
         if args.tls:
             context = await asyncio.to_thread(make_ssl_context, args.security)

@@ -8,7 +8,7 @@ ports, or starts embedded ones (see :mod:`scada.services`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -84,6 +84,22 @@ class Settings(BaseModel):
     bootstrap_admin: str | None = Field(default=None, repr=False)
     """``SCADA_BOOTSTRAP_ADMIN``: ``tenant:username:password``: create this admin of the tenant's
     nodes at start-up if the tenant has no such user (the first login of a new installation)."""
+
+    def private_file(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """Return a secret kept in ``data_dir/name``, made by ``make`` on first use (mode 0600).
+
+        Blocking (file I/O): call it with ``asyncio.to_thread`` from async code.
+        """
+        path = self.data_dir / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            content = make()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            return content
 
     @property
     def mqtt_security(self) -> MqttSecurityConfig:

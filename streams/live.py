@@ -427,7 +427,7 @@ def availability_json(event: AvailabilityEvent) -> dict[str, Any]:
 
 def _dispatch_json(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     result = decode_result(fields)
-    body: dict[str, Any] = {
+    return {
         "correlation_id": result.correlation_id,
         "point": result.point,
         "requested": result.requested,
@@ -437,7 +437,6 @@ def _dispatch_json(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
         "reason": result.reason,
         "elapsed_ms": result.elapsed_ms,
     }
-    return body
 
 
 async def run_live_feed(

@@ -1,12 +1,19 @@
-"""Credentials for servers built in tests (``tests/`` is on sys.path through its conftest)."""
+"""Credentials and tenancy for servers built in tests (``tests/`` is on sys.path through its conftest)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from scada.config import SiteConfig
 from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
 
 TEST_SECRET_KEY = "test-signing-key-" + "x" * 32
 """``Settings.secret_key`` of servers built in tests, so a test can mint an admin's access token."""
+
+
+def access_token(principal: Principal) -> str:
+    """Return an access token of ``principal`` for a server whose secret key is :data:`TEST_SECRET_KEY`."""
+    return TokenSigner(TEST_SECRET_KEY.encode()).issue(principal)
 
 
 def admin_headers(site: SiteConfig, *, tenant: str | None = None) -> dict[str, str]:
@@ -22,4 +29,59 @@ def admin_headers(site: SiteConfig, *, tenant: str | None = None) -> dict[str, s
         grants=tuple(Grant(root, Role.ADMIN) for root in roots),
         tenant_nodes=frozenset(roots),
     )
-    return {"Authorization": f"Bearer {TokenSigner(TEST_SECRET_KEY.encode()).issue(principal)}"}
+    return {"Authorization": f"Bearer {access_token(principal)}"}
+
+
+def two_tenant_site(name: str, *, extra_points: Sequence[str] = ()) -> str:
+    """Return the YAML of a site shared by two tenants, with one power meter per workshop.
+
+    ``east`` owns group ``grp-e`` (workshops ``ws-e1``, ``ws-e2``; meters ``m-e1``, ``m-e2``) and
+    ``west`` owns ``grp-w`` (workshop ``ws-w``; meter ``m-w``). Every meter has the point ``p_kw``,
+    plus ``extra_points`` (YAML flow mappings of the ``meter`` template).
+    """
+    points = "".join(
+        f"\n      - {point}"
+        for point in (
+            "{key: p_kw, kind: power, unit: kW, carrier: electricity, modbus: {address: 0, type: float32}}",
+            *extra_points,
+        )
+    )
+    meter = "kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}"
+    return f"""
+site: {{id: s, name: {name}}}
+hierarchy:
+  - id: grp-e
+    name: East
+    level: group
+    children:
+      - id: park-e
+        name: Park E
+        level: park
+        children:
+          - id: ent-e
+            name: Ent E
+            level: enterprise
+            children: [{{id: ws-e1, name: WS E1, level: workshop}}, {{id: ws-e2, name: WS E2, level: workshop}}]
+  - id: grp-w
+    name: West
+    level: group
+    children:
+      - id: park-w
+        name: Park W
+        level: park
+        children:
+          - id: ent-w
+            name: Ent W
+            level: enterprise
+            children: [{{id: ws-w, name: WS W, level: workshop}}]
+tenants:
+  - {{id: east, name: East Co, nodes: [grp-e]}}
+  - {{id: west, name: West Co, nodes: [grp-w]}}
+templates:
+  meter:
+    points:{points}
+devices:
+  - {{id: m-e1, node: ws-e1, {meter}}}
+  - {{id: m-e2, node: ws-e2, {meter}}}
+  - {{id: m-w, node: ws-w, {meter}}}
+"""

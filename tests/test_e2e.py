@@ -6,7 +6,6 @@ A Modbus TCP meter simulator -> ModbusDriver polled by a DeviceSession -> Redis 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _plant_helpers import eventually, simulated_plant
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -54,18 +54,6 @@ devices:
 POWER = "meter-1.active_power_kw"
 
 
-async def eventually(check: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return result
-            await asyncio.sleep(interval_s)
-
-
 @pytest.fixture
 def site(unused_tcp_port_factory: Callable[[], int]) -> SiteConfig:
     return parse_site(SITE.format(port=unused_tcp_port_factory(), dead_port=unused_tcp_port_factory()))
@@ -73,14 +61,8 @@ def site(unused_tcp_port_factory: Callable[[], int]) -> SiteConfig:
 
 @pytest.fixture
 async def simulators(site: SiteConfig) -> AsyncIterator[SimulatedPlant]:
-    doc = site.model_dump(mode="json")
-    doc["devices"] = [d for d in doc["devices"] if d["id"] != "meter-gone"]  # that one has no hardware
-    plant = SimulatedPlant.from_document(doc)
-    await plant.start()
-    try:
+    async with simulated_plant(site, without={"meter-gone"}) as plant:  # that one has no hardware
         yield plant
-    finally:
-        await plant.stop()
 
 
 @pytest.fixture

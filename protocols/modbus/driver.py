@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, TypeVar
 
+from protocols.common import PointRejected, index_points, lookup_point
 from protocols.modbus.codec import (
     EncodeError,
     PointDecoder,
@@ -76,7 +77,6 @@ from scada.model import (
     PointId,
     Quality,
     Reading,
-    RequestRejected,
 )
 
 __all__ = ["ModbusDriver", "ModbusPointSpec", "PointRejected", "describe_exception"]
@@ -117,14 +117,6 @@ def describe_exception(code: int) -> str:
     'exception 99: unknown exception code'
     """
     return f"exception {code}: {_EXCEPTION_NAMES.get(code, 'unknown exception code')}"
-
-
-class PointRejected(RequestRejected):
-    """The request names a point this driver does not serve or a value the point cannot take.
-
-    Raised before anything is sent, so the device is not to blame and stays online (the kernel's
-    :class:`RequestRejected`, which the command path reports as FAILED: never applied).
-    """
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,11 +162,7 @@ class ModbusDriver:
         self._device = DeviceId(device)
         self._config = config
         self._clock = clock
-        self._specs: dict[PointId, ModbusPointSpec] = {}
-        for spec in points:
-            if spec.point in self._specs:
-                raise ValueError(f"{device}: point {spec.point} is configured twice")
-            self._specs[spec.point] = spec
+        self._specs = index_points(device, points)
         blocks = compile_blocks(
             ((s.point, s.config) for s in points),
             max_block_registers=config.max_block_registers,
@@ -340,10 +328,7 @@ class ModbusDriver:
     # Internals
 
     def _spec(self, point: PointId) -> ModbusPointSpec:
-        try:
-            return self._specs[point]
-        except KeyError:
-            raise PointRejected(f"{point}: not a point of device {self._device}") from None
+        return lookup_point(self._device, self._specs, point)
 
     def _drop(self) -> None:
         """Forget the connection (closing is synchronous and idempotent)."""

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from protocols.common import PointRejected, index_points, lookup_point
 from protocols.mqtt.config import MqttDeviceConfig
 from protocols.mqtt.connection import MqttConnection, MqttMessage
 from protocols.mqtt.payload import CommandResponse, encode_command, parse_response, parse_telemetry
@@ -58,7 +59,6 @@ from scada.model import (
     PointId,
     Quality,
     Reading,
-    RequestRejected,
 )
 
 __all__ = ["MqttDriver", "MqttDriverStats", "MqttPointSpec", "PointRejected"]
@@ -69,13 +69,6 @@ DEFAULT_QUEUE_BATCHES: Final = 64
 """Batches a driver holds for its session; at 1 message/s that is a minute of slack."""
 _RETAINED: Final = Quality.uncertain("retained message: may be old")
 _NO_VALUE_YET: Final = Quality.bad("no value received yet")
-
-
-class PointRejected(RequestRejected):
-    """The request names a point this driver does not serve, or one that is not writable.
-
-    Raised before anything is published, so the device is not to blame and stays online.
-    """
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,12 +127,9 @@ class MqttDriver:
         self._telemetry_topic, self._command_topic, self._response_topic = config.topics_for(device)
         if self._telemetry_topic == self._response_topic:
             raise ValueError(f"{device}: telemetry and response topics must differ")
-        self._specs: dict[PointId, MqttPointSpec] = {}
+        self._specs = index_points(device, points)
         self._by_field: dict[str, list[MqttPointSpec]] = {}
-        for spec in points:
-            if spec.point in self._specs:
-                raise ValueError(f"{device}: point {spec.point} is configured twice")
-            self._specs[spec.point] = spec
+        for spec in self._specs.values():
             self._by_field.setdefault(spec.field, []).append(spec)
         self._latest: dict[PointId, Reading] = {}
         self._batches: deque[list[Reading]] = deque()
@@ -406,7 +396,4 @@ class MqttDriver:
             raise DeviceUnavailable(f"{self._device}: {self._lost}")
 
     def _spec(self, point: PointId) -> MqttPointSpec:
-        try:
-            return self._specs[point]
-        except KeyError:
-            raise PointRejected(f"{point}: not a point of device {self._device}") from None
+        return lookup_point(self._device, self._specs, point)

@@ -77,6 +77,7 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStringParsingError
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from protocols.common import PointRejected, index_points, lookup_point
 from protocols.opcua.config import (
     DeadbandType,
     OpcUaDeviceConfig,
@@ -103,7 +104,6 @@ from scada.model import (
     Quality,
     QualityCode,
     Reading,
-    RequestRejected,
 )
 
 __all__ = ["BrowsedNode", "OpcUaDriver", "OpcUaPointSpec", "PointRejected", "SecurityRefused", "quality_of"]
@@ -171,13 +171,6 @@ _DEADBAND_TYPES: Final[Mapping[DeadbandType, int]] = {
     DeadbandType.ABSOLUTE: ua.DeadbandType.Absolute,
     DeadbandType.PERCENT: ua.DeadbandType.Percent,
 }
-
-
-class PointRejected(RequestRejected):
-    """The request names a point this driver does not serve or a value the point cannot take.
-
-    Raised before anything is sent, so the device is not to blame and stays online.
-    """
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,11 +243,10 @@ class OpcUaDriver:
         self._device = DeviceId(device)
         self._config = config
         self._clock = clock
-        self._items: dict[PointId, _Item] = {}
-        for spec in points:
-            if spec.point in self._items:
-                raise ValueError(f"{device}: point {spec.point} is configured twice")
-            self._items[spec.point] = _Item(spec, ua.NodeId.from_string(spec.config.node_id))
+        self._items = {
+            point: _Item(spec, ua.NodeId.from_string(spec.config.node_id))
+            for point, spec in index_points(device, points).items()
+        }
         self._handles: tuple[_Item, ...] = tuple(self._items.values())
         """Client handle of a monitored item = its index here."""
         self._client: Client | None = None
@@ -727,10 +719,7 @@ class OpcUaDriver:
         return self._client
 
     def _item(self, point: PointId) -> _Item:
-        try:
-            return self._items[point]
-        except KeyError:
-            raise PointRejected(f"{point}: not a point of device {self._device}") from None
+        return lookup_point(self._device, self._items, point)
 
     def _parse_node_id(self, node_id: str) -> ua.NodeId:
         try:
@@ -806,9 +795,12 @@ class OpcUaDriver:
     async def _exchange(self, what: str) -> AsyncIterator[None]:
         """Bound one exchange by ``timeout_s`` and map library and socket errors to the kernel's.
 
-        It also restores a cancellation that asyncua swallowed: its requests await
-        ``asyncio.wait_for``, which on Python 3.11 returns the result when the answer arrives in the
-        same loop turn as a ``cancel()`` (CPython gh-86296).
+        Cancellation needs two repairs. On Python 3.11 asyncua's requests await ``wait_for2``, which
+        raises a *subclass* of CancelledError when the answer and a cancel meet in one loop turn;
+        ``asyncio.timeout`` converts only the exact type, so the subclass is re-raised as a plain
+        CancelledError. And asyncua's clean-up (``Client._cancel_task``) awaits its own tasks under
+        ``except CancelledError: pass``, which can swallow a cancel meant for the caller; one that
+        was requested during the exchange but never surfaced is raised again at its end.
         """
         device, timeout_s = self._device, self._config.timeout_s
         task = asyncio.current_task()

@@ -15,10 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from anomaly.alarm_kpi import compute_kpis
-from anomaly.alarms import AlarmEngine, AlarmEvent, AlarmInputError, AlarmStateError
+from anomaly.alarm_model import AlarmEvent, AlarmInputError, AlarmStateError
+from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService
-from scada.api.auth import AUTH, principal_of, scope_of
-from scada.api.problem import ApiProblem
+from scada.api.auth import audit_actions, scope_of
+from scada.api.problem import ApiProblem, json_object, parse_id, query_int
 from scada.api.problem import invalid as _invalid
 from scada.api.problem import parse_time as _time
 from scada.model import UTC, DecodeError
@@ -87,13 +88,7 @@ async def alarms(request: web.Request) -> web.Response:
 async def alarm_events(request: web.Request) -> web.Response:
     """Return alarm state transitions of a time span (default: the last 24 h), oldest first, paged."""
     start, end = _span(request.query, timedelta(days=1))
-    raw = request.query.get("limit", "1000")
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise _invalid(f"limit: not an integer: {raw!r}") from None
-    if not 1 <= limit <= MAX_EVENTS:
-        raise _invalid(f"limit: must be within [1, {MAX_EVENTS}]")
+    limit = query_int(request.query, "limit", default=1000, low=1, high=MAX_EVENTS)
     after = _cursor(request.query.get("cursor"))
     scope = scope_of(request)
     rows = await request.app[ALARM_STORE].events(
@@ -119,14 +114,15 @@ async def alarm_events(request: web.Request) -> web.Response:
 def _cursor(raw: str | None) -> tuple[datetime, int] | None:
     if not raw:
         return None
-    at, _, seq = raw.rpartition("|")
+    at, _, raw_seq = raw.rpartition("|")
     try:
         when = datetime.fromisoformat(at)
     except ValueError:
         when = None
-    if when is None or when.tzinfo is None or not seq.isdigit() or len(seq) > 18:
+    seq = parse_id(raw_seq)
+    if when is None or when.tzinfo is None or seq is None:
         raise _invalid("cursor: the next_cursor of the previous page")
-    return when, int(seq)
+    return when, seq
 
 
 async def alarm_kpis(request: web.Request) -> web.Response:
@@ -150,15 +146,7 @@ async def alarm_kpis(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request, allowed: set[str], required: set[str]) -> dict[str, Any]:
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _invalid("body: not JSON") from None
-    if not isinstance(body, dict):
-        raise _invalid("body: expected a JSON object")
-    unknown = set(body) - allowed
-    if unknown:
-        raise _invalid(f"body: unknown field {sorted(unknown)[0]!r}")
+    body = await json_object(request, allowed)
     for name in sorted(required):
         if not isinstance(body.get(name), str) or not body[name].strip():
             raise _invalid(f"{name}: required, a non-empty string")
@@ -185,17 +173,17 @@ async def _act(
         raise ApiProblem(409, "Conflict", str(err), slug="alarm-state") from err
     except AlarmInputError as err:
         raise _invalid(str(err)) from err
-    auth = request.app.get(AUTH)
-    if auth is not None:
-        principal = principal_of(request)
-        for event in events:
-            await auth.audit.append(
-                actor=principal.subject,
-                action=f"alarm.{event.cause.value}",
-                target=f"alarm:{event.alarm_id}",
-                tenant=principal.tenant,
-                detail={"from": event.from_state.value, "to": event.to_state.value, "comment": event.comment},
+    await audit_actions(  # one transaction for a whole group's acknowledgement
+        request,
+        *(
+            (
+                f"alarm.{event.cause.value}",
+                f"alarm:{event.alarm_id}",
+                {"from": event.from_state.value, "to": event.to_state.value, "comment": event.comment},
             )
+            for event in events
+        ),
+    )
     return web.json_response({"events": [e.to_dict() for e in events]})
 
 

@@ -10,18 +10,17 @@ Handlers that list things filter them with :func:`principal_of` and :func:`visib
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
 
-from scada.api.problem import ApiProblem, parse_time
+from scada.api.problem import ApiProblem, json_object, parse_id, parse_time, query_cursor, query_int
 from scada.api.problem import invalid as _invalid
-from scada.audit import AuditLog, export
+from scada.audit import AuditLog, AuditRecord, export
 from scada.auth_store import AuthStore, LockedOut
 from scada.catalog import SiteCatalog
 from scada.model import UTC, NotFound
@@ -32,6 +31,7 @@ __all__ = [
     "AuthContext",
     "Policy",
     "add_auth_routes",
+    "audit_actions",
     "auth_middleware",
     "default_node",
     "principal_of",
@@ -41,9 +41,11 @@ __all__ = [
 ]
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-_VISIBLE = web.RequestKey("visible_nodes", set[str])
 LOGIN_RATE_PER_MIN: Final = 20
 """Login attempts per client address and minute (then 429), on top of the per-user lockout."""
+AUDIT_PAGE_DEFAULT: Final = 1_000
+AUDIT_PAGE_MAX: Final = 10_000
+"""Entries per page of ``GET /api/v1/audit`` (default and most)."""
 
 
 @dataclass
@@ -213,13 +215,9 @@ def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-def visible_nodes(request: web.Request) -> set[str]:
-    """Return the nodes the caller may read (cached on the request)."""
-    if _VISIBLE in request:
-        return request[_VISIBLE]
-    nodes = principal_of(request).visible(request.app[AUTH].tree)
-    request[_VISIBLE] = nodes
-    return nodes
+def visible_nodes(request: web.Request) -> frozenset[str]:
+    """Return the nodes the caller may read (the tree keeps the answer per grant set)."""
+    return principal_of(request).visible(request.app[AUTH].tree)
 
 
 def require_visible(request: web.Request, node: str) -> None:
@@ -228,7 +226,7 @@ def require_visible(request: web.Request, node: str) -> None:
         raise ApiProblem(404, "Not found", f"no node {node!r}", slug="not-found")
 
 
-def scope_of(request: web.Request) -> set[str] | None:
+def scope_of(request: web.Request) -> frozenset[str] | None:
     """Return the nodes the caller may read, or None when the app runs without authentication."""
     if AUTH not in request.app:
         return None
@@ -241,6 +239,25 @@ def default_node(request: web.Request) -> str:
     if not tops:
         raise ApiProblem(403, "Forbidden", "this caller has no grant on any node")
     return tops[0]
+
+
+async def audit_actions(request: web.Request, *actions: tuple[str, str, Mapping[str, Any]]) -> None:
+    """Record what the caller did, as ``(action, target, detail)``, in one transaction.
+
+    Nothing is recorded when the app runs without authentication (unit tests of bare routes).
+    """
+    ctx = request.app.get(AUTH)
+    if ctx is None:
+        return
+    principal = principal_of(request)
+    await ctx.audit.append_many(
+        [
+            AuditRecord(
+                actor=principal.subject, action=action, target=target, detail=detail, tenant=principal.tenant
+            )
+            for action, target, detail in actions
+        ]
+    )
 
 
 def _unauthorized(detail: str) -> ApiProblem:
@@ -337,15 +354,7 @@ def add_auth_routes(app: web.Application) -> None:
 async def _json_body(
     request: web.Request, fields: dict[str, type | tuple[type, ...]], required: set[str]
 ) -> dict[str, Any]:
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _invalid("body: not JSON") from None
-    if not isinstance(body, dict):
-        raise _invalid("body: expected a JSON object")
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        raise _invalid(f"body: unknown field {unknown[0]!r}")
+    body = await json_object(request, fields)
     for name, kind in fields.items():
         if name in body and (
             not isinstance(body[name], kind) or (isinstance(body[name], bool) and kind is not bool)
@@ -380,35 +389,27 @@ async def login(request: web.Request) -> web.Response:
         request, {"tenant": str, "username": str, "password": str}, {"tenant", "username", "password"}
     )
     tenant, username = body["tenant"], body["username"]
-    try:
-        principal, user_id = await ctx.store.login(tenant, username, body["password"])
-    except LockedOut as err:
+
+    async def note(action: str) -> None:
         await ctx.audit.append(
             actor=username,
-            action="login.locked",
+            action=action,
             target=f"user:{username}",
             tenant=tenant,
             detail={"client": request.remote},
         )
+
+    try:
+        principal, user_id = await ctx.store.login(tenant, username, body["password"])
+    except LockedOut as err:
+        await note("login.locked")
         raise ApiProblem(
             429, "Too many requests", str(err), retry_after=math.ceil(err.retry_after_s)
         ) from None
     except AuthError as err:
-        await ctx.audit.append(
-            actor=username,
-            action="login.failed",
-            target=f"user:{username}",
-            tenant=tenant,
-            detail={"client": request.remote},
-        )
+        await note("login.failed")
         raise _unauthorized(str(err)) from None
-    await ctx.audit.append(
-        actor=username,
-        action="login",
-        target=f"user:{username}",
-        tenant=tenant,
-        detail={"client": request.remote},
-    )
+    await note("login")
     return _token_response(ctx, principal, await ctx.store.issue_refresh(user_id))
 
 
@@ -445,10 +446,10 @@ async def me(request: web.Request) -> web.Response:
 
 def _admin_grant(request: web.Request, node: str, role: Role) -> Grant:
     """Return a grant the calling admin may give: on a node it administers, not above its own role."""
-    ctx, principal = request.app[AUTH], principal_of(request)
-    if node not in ctx.tree or not principal.sees(node, ctx.tree):
+    held = principal_of(request).role_on(node, request.app[AUTH].tree)  # None for an unknown node too
+    if held is None:
         raise _invalid(f"grants: unknown node {node!r}")
-    if not principal.can(Role.ADMIN, node, ctx.tree):
+    if held.rank < Role.ADMIN.rank:
         raise ApiProblem(403, "Forbidden", f"needs the admin role on {node!r} to grant there")
     return Grant(node, role)
 
@@ -491,12 +492,13 @@ async def create_user(request: web.Request) -> web.Response:
         raise ApiProblem(409, "Conflict", str(err.args[0]), slug="exists") from None
     except ValueError as err:
         raise _invalid(str(err)) from None
-    await ctx.audit.append(
-        actor=principal.subject,
-        action="user.create",
-        target=f"user:{body['username']}",
-        tenant=principal.tenant,
-        detail={"grants": [{"node": g.node, "role": g.role.value} for g in grants]},
+    await audit_actions(
+        request,
+        (
+            "user.create",
+            f"user:{body['username']}",
+            {"grants": [{"node": g.node, "role": g.role.value} for g in grants]},
+        ),
     )
     return web.json_response({"id": user_id, "username": body["username"]}, status=201)
 
@@ -541,16 +543,17 @@ async def _create_key(request: web.Request, kind: str) -> web.Response:
         )
     except ValueError as err:
         raise _invalid(str(err)) from None
-    await ctx.audit.append(
-        actor=principal.subject,
-        action=f"{'api_key' if kind == 'key' else 'kiosk_token'}.create",
-        target=f"key:{key_id}",
-        tenant=principal.tenant,
-        detail={
-            "name": body["name"],
-            "node": grant.node,
-            "role": grant.role.value if kind == "key" else "viewer",
-        },
+    await audit_actions(
+        request,
+        (
+            f"{'api_key' if kind == 'key' else 'kiosk_token'}.create",
+            f"key:{key_id}",
+            {
+                "name": body["name"],
+                "node": grant.node,
+                "role": grant.role.value if kind == "key" else "viewer",
+            },
+        ),
     )
     name = "key" if kind == "key" else "token"
     return web.json_response({"id": key_id, name: secret}, status=201, headers={"Cache-Control": "no-store"})
@@ -568,15 +571,11 @@ async def create_kiosk_token(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     """Revoke an API key or kiosk token of the caller's tenant."""
-    ctx, principal = request.app[AUTH], principal_of(request)
     raw = request.match_info["key_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    key_id = parse_id(raw)
+    if key_id is None or not await request.app[AUTH].store.revoke_key(principal_of(request).tenant, key_id):
         raise ApiProblem(404, "Not found", f"no key {raw!r}", slug="not-found")
-    if not await ctx.store.revoke_key(principal.tenant, int(raw)):
-        raise ApiProblem(404, "Not found", f"no key {raw!r}", slug="not-found")
-    await ctx.audit.append(
-        actor=principal.subject, action="key.revoke", target=f"key:{raw}", tenant=principal.tenant
-    )
+    await audit_actions(request, ("key.revoke", f"key:{raw}", {}))
     return web.Response(status=204)
 
 
@@ -586,17 +585,12 @@ async def audit_entries(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
         raise _invalid("format: json or csv")
-    limit_raw, cursor_raw = request.query.get("limit", "1000"), request.query.get("cursor", "0")
-    if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 10_000:
-        raise _invalid("limit: an integer in [1, 10000]")
-    if not cursor_raw.isdigit() or len(cursor_raw) > 18:
-        raise _invalid("cursor: the next_cursor of the previous page")
+    limit = query_int(request.query, "limit", default=AUDIT_PAGE_DEFAULT, low=1, high=AUDIT_PAGE_MAX)
+    after_seq = query_cursor(request.query)
     start, end = parse_time(request.query.get("start"), "start"), parse_time(request.query.get("end"), "end")
     tenant = None if principal.is_system(ctx.tree) else principal.tenant
-    entries = await ctx.audit.entries(
-        tenant=tenant, start=start, end=end, after_seq=int(cursor_raw), limit=int(limit_raw)
-    )
-    next_cursor = str(entries[-1].seq) if len(entries) == int(limit_raw) else None
+    entries = await ctx.audit.entries(tenant=tenant, start=start, end=end, after_seq=after_seq, limit=limit)
+    next_cursor = str(entries[-1].seq) if len(entries) == limit else None
     if fmt == "csv":
         return web.Response(
             text=export(entries, "csv"),

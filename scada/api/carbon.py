@@ -7,7 +7,6 @@ local hours, days and months.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime, timedelta
@@ -19,8 +18,8 @@ from aiohttp import web
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore, Quota
 from control_engine.forecast import month_bounds, month_key
 from control_engine.quota import Basis, QuotaStatus
-from scada.api.auth import AUTH, default_node, principal_of, scope_of
-from scada.api.problem import ApiProblem
+from scada.api.auth import audit_actions, default_node, scope_of
+from scada.api.problem import ApiProblem, json_object, query_int
 from scada.api.problem import invalid as _invalid
 from scada.api.problem import parse_time as _time
 from scada.api.routes import CATALOG
@@ -47,17 +46,6 @@ def add_carbon_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/quotas/{node_id}/{month}", delete_quota)
     app.router.add_get("/api/v1/forecasts", forecasts)
     app.router.add_get("/api/v1/ledger/restatements", restatements)
-
-
-async def _audit(request: web.Request, action: str, target: str, detail: dict[str, Any]) -> None:
-    """Record a configuration change in the audit log (when the app authenticates)."""
-    auth = request.app.get(AUTH)
-    if auth is None:
-        return
-    principal = principal_of(request)
-    await auth.audit.append(
-        actor=principal.subject, action=action, target=target, tenant=principal.tenant, detail=detail
-    )
 
 
 def _node(request: web.Request, raw: str | None) -> NodeId:
@@ -181,15 +169,17 @@ async def quotas(request: web.Request) -> web.Response:
     zone = ZoneInfo(request.app[CATALOG].site.site.timezone)
     month = _month(request.query["month"], zone) if "month" in request.query else None
     node = _node(request, request.query["node"]) if "node" in request.query else None
-    found = await request.app[CARBON_STORE].quotas(month=month, node=node)
     scope = scope_of(request)
-    out = []
-    for q in found:
-        if scope is not None and q.node not in scope:
-            continue
-        forecast = await request.app[CARBON_QUERIES].forecasts(q.month, q.node)
-        out.append(_quota_json(q, forecast[0] if forecast else None))
-    return web.json_response({"quotas": out})
+    found = [
+        q
+        for q in await request.app[CARBON_STORE].quotas(month=month, node=node)
+        if scope is None or q.node in scope
+    ]
+    forecast: dict[tuple[str, str], Any] = {}
+    for wanted in sorted({q.month for q in found}):  # one query per month, not per quota
+        for row in await request.app[CARBON_QUERIES].forecasts(wanted, node):
+            forecast[wanted, row["node_id"]] = row
+    return web.json_response({"quotas": [_quota_json(q, forecast.get((q.month, q.node))) for q in found]})
 
 
 async def quota(request: web.Request) -> web.Response:
@@ -210,15 +200,7 @@ async def put_quota(request: web.Request) -> web.Response:
     zone = ZoneInfo(site.site.timezone)
     node = _node(request, request.match_info["node_id"])
     month = _month(request.match_info["month"], zone)
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _invalid("body: not JSON") from None
-    if not isinstance(body, dict):
-        raise _invalid("body: expected a JSON object")
-    unknown = set(body) - {"quota_t", "price_cny_per_t"}
-    if unknown:
-        raise _invalid(f"body: unknown field {sorted(unknown)[0]!r}")
+    body = await json_object(request, {"quota_t", "price_cny_per_t"})
     quota_t = body.get("quota_t")
     price = body.get("price_cny_per_t", site.carbon.price_cny_per_t)
     if (
@@ -234,11 +216,13 @@ async def put_quota(request: web.Request) -> web.Response:
         raise _invalid("quota_t or price_cny_per_t: implausibly large")
     saved = Quota(node, month, float(quota_t), float(price))
     created = await request.app[CARBON_STORE].put_quota(saved)
-    await _audit(
+    await audit_actions(
         request,
-        "quota.put",
-        f"quota:{node}:{month}",
-        {"quota_t": saved.quota_t, "price_cny_per_t": saved.price_cny_per_t, "created": created},
+        (
+            "quota.put",
+            f"quota:{node}:{month}",
+            {"quota_t": saved.quota_t, "price_cny_per_t": saved.price_cny_per_t, "created": created},
+        ),
     )
     return web.json_response(_quota_json(saved, None), status=201 if created else 200)
 
@@ -250,7 +234,7 @@ async def delete_quota(request: web.Request) -> web.Response:
     month = _month(request.match_info["month"], zone)
     if not await request.app[CARBON_STORE].delete_quota(node, month):
         raise ApiProblem(404, "Not found", f"no quota for {node} in {month}", slug="not-found")
-    await _audit(request, "quota.delete", f"quota:{node}:{month}", {})
+    await audit_actions(request, ("quota.delete", f"quota:{node}:{month}", {}))
     return web.Response(status=204)
 
 
@@ -290,13 +274,7 @@ async def forecasts(request: web.Request) -> web.Response:
 async def restatements(request: web.Request) -> web.Response:
     """Return the newest restatements of closed hours under a node: the audit trail of late data."""
     node = _node(request, request.query.get("node"))
-    raw = request.query.get("limit", "100")
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise _invalid(f"limit: not an integer: {raw!r}") from None
-    if not 1 <= limit <= 10_000:
-        raise _invalid("limit: must be within [1, 10000]")
+    limit = query_int(request.query, "limit", default=100, low=1, high=10_000)
     rows = await request.app[CARBON_QUERIES].restatements(node, limit)
     return web.json_response(
         {

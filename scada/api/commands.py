@@ -14,7 +14,6 @@ operator's manual command is checked against the point's configuration only.
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from scada.api.auth import AUTH, principal_of
-from scada.api.problem import ApiProblem
+from scada.api.auth import audit_actions, principal_of
+from scada.api.problem import ApiProblem, json_object
 from scada.api.problem import invalid as _invalid
 from scada.api.routes import CATALOG
 from scada.model import Command, PointId, Priority, ServiceError
@@ -56,15 +55,7 @@ def add_command_routes(app: web.Application) -> None:
 
 async def post_command(request: web.Request) -> web.Response:
     """Write a value to a point through its gateway and return the verified outcome."""
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _invalid("body: not JSON") from None
-    if not isinstance(body, dict):
-        raise _invalid("body: expected a JSON object")
-    unknown = sorted(set(body) - {"value", "reason", "wait_s"})
-    if unknown:
-        raise _invalid(f"body: unknown field {unknown[0]!r}")
+    body = await json_object(request, {"value", "reason", "wait_s"})
     point_id, value = request.match_info["point_id"], body.get("value")
     reason = body.get("reason", "manual command")
     wait_s = body.get("wait_s", 15.0)
@@ -89,14 +80,14 @@ async def post_command(request: web.Request) -> web.Response:
         reason=reason,
         correlation_id=f"api-{uuid.uuid4()}",
     )
-    audit = request.app[AUTH].audit
     target = f"point:{point_id}"
-    await audit.append(
-        actor=principal.subject,
-        action="command.send",
-        target=target,
-        tenant=principal.tenant,
-        detail={"value": command.value, "reason": reason, "correlation_id": command.correlation_id},
+    await audit_actions(
+        request,
+        (
+            "command.send",
+            target,
+            {"value": command.value, "reason": reason, "correlation_id": command.correlation_id},
+        ),
     )
     try:
         entry_id = await send_command(
@@ -122,12 +113,8 @@ async def post_command(request: web.Request) -> web.Response:
             "elapsed_ms": result.elapsed_ms,
             "ts": result.ts.isoformat(),
         }
-    await audit.append(
-        actor=principal.subject,
-        action="command.result",
-        target=target,
-        tenant=principal.tenant,
-        detail={"correlation_id": command.correlation_id, **outcome},
+    await audit_actions(
+        request, ("command.result", target, {"correlation_id": command.correlation_id, **outcome})
     )
     body_out = {
         "correlation_id": command.correlation_id,

@@ -7,14 +7,13 @@ a dispatch outside the caller's nodes answers 404.
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Final
 
 from aiohttp import web
 
-from control_engine.dispatcher import Dispatcher, DispatchError, DispatchState, DispatchStore
+from control_engine.dispatcher import Dispatch, Dispatcher, DispatchError, DispatchState, DispatchStore
 from scada.api.auth import AUTH, principal_of, scope_of
-from scada.api.problem import ApiProblem
+from scada.api.problem import ApiProblem, json_object, parse_id, query_int
 from scada.api.problem import invalid as _invalid
 from scada.security import Role
 
@@ -23,6 +22,10 @@ __all__ = ["DISPATCHER", "DISPATCH_STORE", "add_dispatch_routes"]
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 """The running dispatcher (only in a process with the analytics role)."""
 DISPATCH_STORE = web.AppKey("dispatch_store", DispatchStore)
+LIST_DEFAULT: Final = 100
+LIST_MAX: Final = 1000
+"""Dispatches per ``GET /api/v1/dispatches`` (default and most)."""
+COMMENT_MAX_CHARS: Final = 1000
 
 
 def add_dispatch_routes(app: web.Application) -> None:
@@ -43,54 +46,43 @@ async def list_dispatches(request: web.Request) -> web.Response:
         except ValueError:
             known = ", ".join(s.value for s in DispatchState)
             raise _invalid(f"state: one or more of {known}") from None
-    raw_limit = request.query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
-        raise _invalid("limit: an integer in [1, 1000]")
+    limit = query_int(request.query, "limit", default=LIST_DEFAULT, low=1, high=LIST_MAX)
     scope = scope_of(request)
     found = await request.app[DISPATCH_STORE].select(
-        states=states, nodes=sorted(scope) if scope is not None else None, limit=int(raw_limit)
+        states=states, nodes=sorted(scope) if scope is not None else None, limit=limit
     )
     return web.json_response({"dispatches": [d.to_json() for d in found]})
 
 
-async def _visible(request: web.Request, role: Role) -> int:
+async def _visible(request: web.Request, role: Role) -> Dispatch:
+    """Return the dispatch in the path if the caller holds ``role`` on its node (404 if it cannot see it)."""
     raw = request.match_info["dispatch_id"]
-    if not raw.isdigit() or len(raw) > 18:
-        raise ApiProblem(404, "Not found", f"no dispatch {raw!r}", slug="not-found")
-    dispatch = await request.app[DISPATCH_STORE].get(int(raw))
+    dispatch_id = parse_id(raw)
+    dispatch = None if dispatch_id is None else await request.app[DISPATCH_STORE].get(dispatch_id)
     scope = scope_of(request)
     if dispatch is None or (scope is not None and dispatch.node not in scope):
         raise ApiProblem(404, "Not found", f"no dispatch {raw!r}", slug="not-found")
     if AUTH in request.app and not principal_of(request).can(role, dispatch.node, request.app[AUTH].tree):
         raise ApiProblem(403, "Forbidden", f"needs the {role.value} role on {dispatch.node!r}")
-    return dispatch.id
+    return dispatch
 
 
 async def get_dispatch(request: web.Request) -> web.Response:
     """Return one dispatch with its result."""
-    dispatch_id = await _visible(request, Role.VIEWER)
-    dispatch = await request.app[DISPATCH_STORE].get(dispatch_id)
-    assert dispatch is not None
-    return web.json_response(dispatch.to_json())
+    return web.json_response((await _visible(request, Role.VIEWER)).to_json())
 
 
 async def _comment(request: web.Request) -> str:
     if not request.can_read_body:
         return ""
-    try:
-        body: Any = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _invalid("body: not JSON") from None
-    if not isinstance(body, dict) or set(body) - {"comment"}:
-        raise _invalid('body: {"comment": "..."} or nothing')
-    comment = body.get("comment", "")
-    if not isinstance(comment, str) or len(comment) > 1000:
-        raise _invalid("comment: a text of at most 1000 characters")
+    comment = (await json_object(request, {"comment"})).get("comment", "")
+    if not isinstance(comment, str) or len(comment) > COMMENT_MAX_CHARS:
+        raise _invalid(f"comment: a text of at most {COMMENT_MAX_CHARS} characters")
     return comment
 
 
 async def _decide(request: web.Request, approve_it: bool) -> web.Response:
-    dispatch_id = await _visible(request, Role.OPERATOR)
+    dispatch_id = (await _visible(request, Role.OPERATOR)).id
     comment = await _comment(request)
     dispatcher = request.app.get(DISPATCHER)
     if dispatcher is None:

@@ -20,6 +20,8 @@ from aiohttp import web
 
 from control_engine.dispatcher import DispatchState
 from scada import __version__
+from scada.api import dispatches
+from scada.api.auth import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
 from scada.config import Protocol
 from scada.model import (
     ID_PATTERN,
@@ -44,8 +46,6 @@ POINT_ID_REGEX: Final = f"^{ID_PATTERN}\\.{ID_PATTERN}$"
 MONTH_REGEX: Final = "^(199[0-9]|20[0-9]{2}|2100)-(0[1-9]|1[0-2])$"
 """``YYYY-MM`` with the year range the handlers accept (1990 to 2100)."""
 ROLES: Final = ("viewer", "operator", "engineer", "admin")
-AUDIT_PAGE_MAX: Final = 10_000
-AUDIT_PAGE_DEFAULT: Final = 1_000
 
 
 def _ref(name: str) -> Schema:
@@ -211,6 +211,11 @@ def _operation(
     if public:
         op["security"] = []
     return op
+
+
+def _admin(operation_id: str, summary: str, responses: dict[str, Schema], **kwargs: Any) -> Schema:
+    """Return an operation of the ``admin`` tag that needs the admin role."""
+    return _operation(operation_id, "admin", summary, responses, role="admin", **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1174,7 +1179,10 @@ def _dispatch_paths() -> dict[str, Schema]:
         "description": "An optional comment, kept with the decision and in the audit log.",
         "content": {
             "application/json": {
-                "schema": _obj({"comment": {"type": "string", "maxLength": 1000}}, additionalProperties=False)
+                "schema": _obj(
+                    {"comment": {"type": "string", "maxLength": dispatches.COMMENT_MAX_CHARS}},
+                    additionalProperties=False,
+                )
             }
         },
     }
@@ -1194,11 +1202,7 @@ def _dispatch_paths() -> dict[str, Schema]:
                 problems=(400,),
                 parameters=[
                     _query("state", {"type": "string"}, "Comma-separated states to keep."),
-                    _query(
-                        "limit",
-                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                        "How many.",
-                    ),
+                    _query("limit", _int_range(1, dispatches.LIST_MAX, dispatches.LIST_DEFAULT), "How many."),
                 ],
             )
         },
@@ -1212,30 +1216,27 @@ def _dispatch_paths() -> dict[str, Schema]:
                 parameters=[dispatch_id],
             )
         },
-        "/api/v1/dispatches/{dispatch_id}/approve": {
-            "post": _operation(
-                "approveDispatch",
-                "control",
-                "Approve a waiting dispatch: it is sent and verified by read-back",
-                one,
-                problems=(400, 404, 409, 503),
-                parameters=[dispatch_id],
-                request_body=decision,
-                description="409 unless it awaits approval; 503 outside the analytics role. Audited.",
-                role="operator",
-            )
-        },
-        "/api/v1/dispatches/{dispatch_id}/reject": {
-            "post": _operation(
-                "rejectDispatch",
-                "control",
-                "Reject a waiting dispatch",
-                one,
-                problems=(400, 404, 409, 503),
-                parameters=[dispatch_id],
-                request_body=decision,
-                description="409 unless it awaits approval; 503 outside the analytics role. Audited.",
-                role="operator",
+        **{
+            f"/api/v1/dispatches/{{dispatch_id}}/{verb}": {
+                "post": _operation(
+                    operation_id,
+                    "control",
+                    summary,
+                    one,
+                    problems=(400, 404, 409, 503),
+                    parameters=[dispatch_id],
+                    request_body=decision,
+                    description="409 unless it awaits approval; 503 outside the analytics role. Audited.",
+                    role="operator",
+                )
+            }
+            for verb, operation_id, summary in (
+                (
+                    "approve",
+                    "approveDispatch",
+                    "Approve a waiting dispatch: it is sent and verified by read-back",
+                ),
+                ("reject", "rejectDispatch", "Reject a waiting dispatch"),
             )
         },
     }
@@ -1289,81 +1290,66 @@ def _auth_paths() -> dict[str, Schema]:
             )
         },
         "/api/v1/users": {
-            "get": _operation(
+            "get": _admin(
                 "listUsers",
-                "admin",
                 "The users of the caller's tenant",
                 {"200": _json("The users.", _ref("UserList"))},
                 problems=(503,),
-                role="admin",
             ),
-            "post": _operation(
+            "post": _admin(
                 "createUser",
-                "admin",
                 "Create a user with grants",
                 {"201": _json("Created.", _ref("UserCreated"))},
                 problems=(400, 409, 503),
                 request_body=_body(_ref("UserInput"), "User name, password and grants."),
-                role="admin",
                 description="409 when the user name is taken; 400 for a node the admin does not see.",
             ),
         },
         "/api/v1/api-keys": {
-            "get": _operation(
+            "get": _admin(
                 "listApiKeys",
-                "admin",
                 "The tenant's API keys and kiosk tokens (never their secrets)",
                 {"200": _json("The keys.", _ref("ApiKeyList"))},
                 problems=(503,),
-                role="admin",
             ),
-            "post": _operation(
+            "post": _admin(
                 "createApiKey",
-                "admin",
                 "Create an API key for an integration",
                 {"201": _json("Created; the key is shown only now.", _ref("ApiKeyCreated"))},
                 problems=(400, 503),
                 request_body=_body(_ref("ApiKeyInput"), "Name, node and role of the key."),
-                role="admin",
             ),
         },
         "/api/v1/api-keys/{key_id}": {
-            "delete": _operation(
+            "delete": _admin(
                 "deleteApiKey",
-                "admin",
                 "Revoke an API key",
                 deleted,
                 problems=(404, 503),
                 parameters=[KEY_ID_PARAM],
-                role="admin",
             )
         },
         "/api/v1/kiosk-tokens": {
-            "post": _operation(
+            "post": _admin(
                 "createKioskToken",
-                "admin",
                 "Create a read-only token for a big screen",
                 {"201": _json("Created; the token is shown only now.", _ref("KioskTokenCreated"))},
                 problems=(400, 503),
                 request_body=_body(_ref("KioskTokenInput"), "Name and node of the screen."),
-                role="admin",
             )
         },
         "/api/v1/kiosk-tokens/{key_id}": {
-            "delete": _operation(
+            "delete": _admin(
                 "deleteKioskToken",
-                "admin",
                 "Revoke a kiosk token",
                 deleted,
                 problems=(404, 503),
                 parameters=[KEY_ID_PARAM],
-                role="admin",
             )
         },
         "/api/v1/audit": {
-            "get": _operation(
+            "get": _admin(
                 "listAudit",
-                "admin",
                 "The audit trail (JSON pages, or CSV with format=csv)",
                 {
                     "200": {
@@ -1395,18 +1381,15 @@ def _auth_paths() -> dict[str, Schema]:
                     ),
                     CURSOR_PARAM,
                 ],
-                role="admin",
             )
         },
         "/api/v1/audit/verify": {
-            "get": _operation(
+            "get": _admin(
                 "verifyAudit",
-                "admin",
                 "Walk the audit chain: was any entry edited or removed?",
                 {"200": _json("The verdict.", _ref("AuditVerify"))},
                 problems=(503,),
                 parameters=[_query("expect_head", STRING, "The head hash kept from an earlier check.")],
-                role="admin",
                 description="Site-wide: only an admin of every root node.",
             )
         },

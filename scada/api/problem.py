@@ -7,9 +7,10 @@ answered as a plain 500 problem with no traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +19,18 @@ from aiohttp import web
 
 from scada.model import UTC, ConfigError, NotFound, ServiceError
 
-__all__ = ["REQUEST_ID", "ApiProblem", "problem_middleware", "problem_response"]
+__all__ = [
+    "REQUEST_ID",
+    "ApiProblem",
+    "invalid",
+    "json_object",
+    "parse_id",
+    "parse_time",
+    "problem_middleware",
+    "problem_response",
+    "query_cursor",
+    "query_int",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -126,3 +138,47 @@ def parse_time(raw: str | None, name: str) -> datetime | None:
     if value.tzinfo is None:
         raise invalid(f"{name}: give a time zone, e.g. {raw}Z")
     return value.astimezone(UTC)
+
+
+def query_int(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    """Return integer query parameter ``name`` in [low, high] (``default`` when absent); 400 otherwise."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(f"{name}: not an integer: {raw!r}") from None
+    if not low <= value <= high:
+        raise invalid(f"{name}: must be within [{low}, {high}]")
+    return value
+
+
+def parse_id(raw: str, *, max_digits: int = 18) -> int | None:
+    """Return a database id or sequence number written in ASCII digits, or None if ``raw`` is not one."""
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > max_digits:
+        return None
+    return int(raw)
+
+
+def query_cursor(query: Mapping[str, str], *, max_digits: int = 18) -> int:
+    """Return the ``cursor`` query parameter (a number the previous page gave; 0 when absent)."""
+    value = parse_id(query.get("cursor", "0"), max_digits=max_digits)
+    if value is None:
+        raise invalid("cursor: the next_cursor of the previous page")
+    return value
+
+
+async def json_object(request: web.Request, allowed: Collection[str]) -> dict[str, Any]:
+    """Return the request body as a JSON object with no field outside ``allowed``; 400 otherwise."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid("body: not JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("body: expected a JSON object")
+    unknown = sorted(set(body).difference(allowed))
+    if unknown:
+        raise invalid(f"body: unknown field {unknown[0]!r}")
+    return body

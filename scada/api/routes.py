@@ -21,7 +21,7 @@ from scada import __version__
 from scada.api.auth import scope_of
 from scada.api.metrics import metrics
 from scada.api.openapi import docs_page, openapi_json
-from scada.api.problem import ApiProblem, parse_time
+from scada.api.problem import ApiProblem, invalid, parse_time, query_cursor, query_int
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
 from scada.model import UTC, Carrier, DeviceId, NotFound, Reading, ReadingStore, ServiceError
@@ -161,7 +161,7 @@ async def site(request: web.Request) -> web.Response:
     )
 
 
-def _visible_tree(node: NodeConfig, scope: set[str] | None) -> list[dict[str, Any]]:
+def _visible_tree(node: NodeConfig, scope: frozenset[str] | None) -> list[dict[str, Any]]:
     """Return the node's JSON if visible, else the visible subtrees below it."""
     if scope is None or node.id in scope:
         return [_node_json(node)]
@@ -170,13 +170,8 @@ def _visible_tree(node: NodeConfig, scope: set[str] | None) -> list[dict[str, An
 
 def _page(request: web.Request, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Return one page of ``items`` (``limit``, default 100, at most 1000; ``cursor`` from the last page)."""
-    limit = _parse_int(request.query, "limit", default=100, low=1, high=1000)
-    raw = request.query.get("cursor", "0")
-    if not raw.isdigit() or len(raw) > 9:
-        raise ApiProblem(
-            400, "Invalid request", "cursor: the next_cursor of the previous page", slug="invalid-request"
-        )
-    start = int(raw)
+    limit = query_int(request.query, "limit", default=100, low=1, high=1000)
+    start = query_cursor(request.query, max_digits=9)
     page = items[start : start + limit]
     return {"items": page, "next_cursor": str(start + limit) if start + limit < len(items) else None}
 
@@ -250,10 +245,10 @@ async def history(request: web.Request) -> web.Response:
     """
     entry = request.app[CATALOG].point(request.match_info["point_id"])
     query = request.query
-    end = _parse_time(query, "end") or datetime.now(UTC)
-    start = _parse_time(query, "start") or end - HISTORY_DEFAULT_SPAN
+    end = parse_time(query.get("end"), "end") or datetime.now(UTC)
+    start = parse_time(query.get("start"), "start") or end - HISTORY_DEFAULT_SPAN
     if start >= end:
-        raise ApiProblem(400, "Invalid request", "start must be before end", slug="invalid-request")
+        raise invalid("start must be before end")
     mode = _parse_mode(query, default=DownsampleMode.LTTB if "points" in query else DownsampleMode.RAW)
     body: dict[str, Any] = {
         "point": entry.id,
@@ -263,11 +258,11 @@ async def history(request: web.Request) -> web.Response:
         "mode": mode.value,
     }
     if mode is DownsampleMode.RAW:
-        limit = _parse_int(query, "limit", default=10_000, low=1, high=HISTORY_MAX_ROWS)
+        limit = query_int(query, "limit", default=10_000, low=1, high=HISTORY_MAX_ROWS)
         rows = await request.app[STORE].history(entry.id, start, end, limit=limit)
         body.update(source="raw", readings=[reading_json(r) for r in rows], truncated=len(rows) >= limit)
         return web.json_response(body)
-    wanted = _parse_int(query, "points", default=HISTORY_DEFAULT_POINTS, low=2, high=HISTORY_MAX_POINTS)
+    wanted = query_int(query, "points", default=HISTORY_DEFAULT_POINTS, low=2, high=HISTORY_MAX_POINTS)
     result = await request.app[QUERIES].downsampled(
         entry.id, start, end, points=wanted, mode=mode, raw_period_s=entry.device.poll_period_s
     )
@@ -284,12 +279,7 @@ async def point_energy(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     entry = catalog.point(request.match_info["point_id"])
     if entry.config.kind not in COUNTER_KINDS:
-        raise ApiProblem(
-            400,
-            "Invalid request",
-            f"point {entry.id!r} is a {entry.config.kind.value}, not a counter",
-            slug="invalid-request",
-        )
+        raise invalid(f"point {entry.id!r} is a {entry.config.kind.value}, not a counter")
     start, end, interval = _energy_range(request.query)
     timezone = catalog.site.site.timezone
     try:
@@ -297,7 +287,7 @@ async def point_energy(request: web.Request) -> web.Response:
             entry.id, start, end, interval=interval, timezone=timezone
         )
     except ValueError as err:
-        raise ApiProblem(400, "Invalid request", str(err), slug="invalid-request") from err
+        raise invalid(str(err)) from err
     return web.json_response(
         {
             "point": entry.id,
@@ -324,9 +314,7 @@ async def node_energy(request: web.Request) -> web.Response:
     start, end, interval = _energy_range(request.query)
     raw_carrier = request.query.get("carrier", Carrier.ELECTRICITY.value)
     if raw_carrier != "all" and raw_carrier not in {c.value for c in Carrier}:
-        raise ApiProblem(
-            400, "Invalid request", f"carrier: unknown carrier {raw_carrier!r}", slug="invalid-request"
-        )
+        raise invalid(f"carrier: unknown carrier {raw_carrier!r}")
     carrier = None if raw_carrier == "all" else raw_carrier
     timezone = catalog.site.site.timezone
     try:
@@ -334,7 +322,7 @@ async def node_energy(request: web.Request) -> web.Response:
             node_id, start, end, interval=interval, carrier=carrier, timezone=timezone
         )
     except ValueError as err:
-        raise ApiProblem(400, "Invalid request", str(err), slug="invalid-request") from err
+        raise invalid(str(err)) from err
     series: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         series.setdefault(row.unit, []).append(
@@ -364,38 +352,26 @@ def _parse_mode(query: Mapping[str, str], *, default: DownsampleMode) -> Downsam
         return DownsampleMode(raw)
     except ValueError:
         modes = ", ".join(m.value for m in DownsampleMode)
-        raise ApiProblem(
-            400, "Invalid request", f"mode: must be one of {modes}, not {raw!r}", slug="invalid-request"
-        ) from None
+        raise invalid(f"mode: must be one of {modes}, not {raw!r}") from None
 
 
 def _energy_range(query: Mapping[str, str]) -> tuple[datetime, datetime, str]:
-    end = _parse_time(query, "end") or datetime.now(UTC)
-    start = _parse_time(query, "start") or end - ENERGY_DEFAULT_SPAN
+    end = parse_time(query.get("end"), "end") or datetime.now(UTC)
+    start = parse_time(query.get("start"), "start") or end - ENERGY_DEFAULT_SPAN
     if start >= end:
-        raise ApiProblem(400, "Invalid request", "start must be before end", slug="invalid-request")
+        raise invalid("start must be before end")
     interval = query.get("interval", "1h")
     if interval not in INTERVALS:
-        raise ApiProblem(
-            400,
-            "Invalid request",
-            f"interval: must be one of {', '.join(INTERVALS)}, not {interval!r}",
-            slug="invalid-request",
-        )
+        raise invalid(f"interval: must be one of {', '.join(INTERVALS)}, not {interval!r}")
     if (end - start) / INTERVALS[interval][1] > ENERGY_MAX_INTERVALS:
-        raise ApiProblem(
-            400,
-            "Invalid request",
-            f"at most {ENERGY_MAX_INTERVALS} intervals per request: use a longer interval",
-            slug="invalid-request",
-        )
+        raise invalid(f"at most {ENERGY_MAX_INTERVALS} intervals per request: use a longer interval")
     return start, end, interval
 
 
 async def deadletter(request: web.Request) -> web.Response:
     """Return the newest dead-letter entries (``?limit=``, default 100): poison input with its reason."""
     view = request.app[DEADLETTER]
-    limit = _parse_int(request.query, "limit", default=100, low=1, high=10_000)
+    limit = query_int(request.query, "limit", default=100, low=1, high=10_000)
     try:
         entries = await read_deadletter(view.redis, view.key, limit, timeout_s=view.timeout_s)
     except RedisError as err:
@@ -414,19 +390,12 @@ async def emission_factors(request: web.Request) -> web.Response:
     carrier = query.get("carrier") or None
     if carrier is not None and carrier not in {c.value for c in Carrier}:
         known = ", ".join(c.value for c in Carrier)
-        raise ApiProblem(
-            400,
-            "Invalid request",
-            f"carrier: unknown energy type {carrier!r} (use {known})",
-            slug="invalid-request",
-        )
-    year = _parse_int(query, "year", default=0, low=1990, high=2100) if query.get("year") else None
-    scope = _parse_int(query, "scope", default=0, low=1, high=2) if query.get("scope") else None
+        raise invalid(f"carrier: unknown energy type {carrier!r} (use {known})")
+    year = query_int(query, "year", default=0, low=1990, high=2100) if query.get("year") else None
+    scope = query_int(query, "scope", default=0, low=1, high=2) if query.get("scope") else None
     fmt = query.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise ApiProblem(
-            400, "Invalid request", f"format: {fmt!r} is not json or csv", slug="invalid-request"
-        )
+        raise invalid(f"format: {fmt!r} is not json or csv")
     selected = library.query(
         carrier=carrier,
         year=year,
@@ -447,24 +416,3 @@ async def emission_factor(request: web.Request) -> web.Response:
     """Return one emission factor by id (404 problem when there is none)."""
     factor = request.app[FACTORS].get(request.match_info["factor_id"])
     return web.json_response(factor.record())
-
-
-def _parse_time(query: Mapping[str, str], name: str) -> datetime | None:
-    return parse_time(query.get(name), name)
-
-
-def _parse_int(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiProblem(
-            400, "Invalid request", f"{name}: not an integer: {raw!r}", slug="invalid-request"
-        ) from None
-    if not low <= value <= high:
-        raise ApiProblem(
-            400, "Invalid request", f"{name}: must be within [{low}, {high}]", slug="invalid-request"
-        )
-    return value

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -24,10 +24,11 @@ import asyncpg
 from aiohttp import WSMsgType, web
 
 from scada.api.alarms import ALARM_STORE, alarm_status_json
-from scada.api.auth import scope_of
+from scada.api.auth import AUTH, scope_of
 from scada.api.routes import CATALOG, HUB, WS_HEARTBEAT_S, WS_MAX_POINTS_PER_CLIENT
 from scada.catalog import SiteCatalog
 from scada.model import DeviceId, NotFound, PointId
+from scada.security import NodeTree
 from streams.live import (
     MAX_RATE_HZ,
     MIN_RATE_HZ,
@@ -60,6 +61,8 @@ class _Scope:
 
     nodes: frozenset[str] | None
     devices: frozenset[DeviceId] | None
+    tree: NodeTree
+    """The site's hierarchy (it keeps each node's descendants once computed)."""
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -67,7 +70,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     app = request.app
-    scope = _scope(app[CATALOG], scope_of(request))
+    scope = _scope(app, scope_of(request))
     with app[HUB].subscribe() as sub:
         sub.visible_nodes, sub.visible_devices = scope.nodes, scope.devices
         sender = asyncio.create_task(_send_frames(ws, sub, app[HUB]), name="ws-sender")
@@ -84,11 +87,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _scope(catalog: SiteCatalog, nodes: set[str] | None) -> _Scope:
+def _scope(app: web.Application, nodes: Set[str] | None) -> _Scope:
+    catalog = app[CATALOG]
+    auth = app.get(AUTH)
+    tree = auth.tree if auth is not None else NodeTree({str(k): v for k, v in catalog.parents.items()})
     if nodes is None:
-        return _Scope(nodes=None, devices=None)
+        return _Scope(nodes=None, devices=None, tree=tree)
     devices = frozenset(DeviceId(d.id) for d in catalog.site.devices if d.node in nodes)
-    return _Scope(nodes=frozenset(nodes), devices=devices)
+    return _Scope(nodes=frozenset(nodes), devices=devices, tree=tree)
 
 
 async def _handle_client_message(
@@ -166,14 +172,12 @@ def _resolve_nodes(
 ) -> list[str]:
     """Add the visible devices under each requested node to ``devices``; return the nodes found."""
     nodes: list[str] = []
-    if not requested:
-        return nodes
-    under = _descendants(catalog)
     for node_id in requested:
-        if node_id in under and (scope.nodes is None or node_id in scope.nodes):
+        if node_id in scope.tree and (scope.nodes is None or node_id in scope.nodes):
             nodes.append(node_id)
+            under = scope.tree.descendants(node_id)
             for d in catalog.site.devices:
-                if d.node in under[node_id] and scope_allows(scope, d.id):
+                if d.node in under and scope_allows(scope, d.id):
                     devices[DeviceId(d.id)] = None
         else:
             unknown.append(node_id)
@@ -205,21 +209,6 @@ def _has_device(catalog: SiteCatalog, device_id: str) -> bool:
     except NotFound:
         return False
     return True
-
-
-def _descendants(catalog: SiteCatalog) -> dict[str, set[str]]:
-    """Return each node's id mapped to itself and all its descendants."""
-    under: dict[str, set[str]] = {}
-    parents: dict[str, str | None] = {}
-    for node, parent in catalog.site.iter_nodes():
-        parents[node.id] = parent
-        under[node.id] = {node.id}
-    for node_id, first in parents.items():
-        ancestor = first
-        while ancestor is not None:
-            under[ancestor].add(node_id)
-            ancestor = parents[ancestor]
-    return under
 
 
 def _parse_rate(message: Mapping[str, Any]) -> float | None:

@@ -9,16 +9,16 @@ from datetime import UTC, datetime
 import pytest
 
 from anomaly.alarm_kpi import compute_kpis, compute_kpis_by_console
-from anomaly.alarms import (
+from anomaly.alarm_model import (
     AlarmDefinition,
-    AlarmEngine,
     AlarmEvent,
     AlarmInputError,
     AlarmPriority,
     AlarmState,
     EventCause,
-    FloodPolicy,
 )
+from anomaly.alarms import AlarmEngine
+from anomaly.flood import FloodPolicy
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC).timestamp()
 CONSOLE = "cr-main"

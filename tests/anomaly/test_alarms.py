@@ -11,19 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomaly.alarm_model import AlarmStatus
-from anomaly.alarms import (
+from anomaly.alarm_model import (
     AlarmDefinition,
-    AlarmEngine,
     AlarmEvent,
     AlarmInputError,
     AlarmPriority,
     AlarmState,
     AlarmStateError,
+    AlarmStatus,
     ChatterPolicy,
     ConditionKind,
     EventCause,
 )
+from anomaly.alarms import AlarmEngine
 from scada.model import ConfigError, DecodeError, NotFound
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC).timestamp()

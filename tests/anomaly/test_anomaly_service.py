@@ -15,13 +15,14 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from anomaly.alarms import AlarmEngine, AlarmEvent
+from anomaly.alarm_model import AlarmEvent
+from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService
 from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.problem import problem_middleware
 from scada.api.routes import CATALOG, HUB, add_routes
-from scada.catalog import SiteCatalog, sync_catalog
+from scada.catalog import SiteCatalog, node_tree, sync_catalog
 from scada.config import SiteConfig, parse_site
 from scada.db import migrate
 from scada.model import DeviceId, PointId, Reading
@@ -74,9 +75,13 @@ async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+def parents(site: SiteConfig) -> dict[str, str | None]:
+    return {str(node): parent for node, parent in node_tree(site)[0].items()}
+
+
 def build(site: SiteConfig, pool: asyncpg.Pool, clock: FakeClock, captured: Captured) -> AnomalyService:
     return AnomalyService(
-        AlarmEngine(alarm_definitions(site), parents={"w": "e", "e": "p", "p": "g", "g": None}),
+        AlarmEngine(alarm_definitions(site), parents=parents(site)),
         monitored_points(site, site.factor_library()),
         AlarmStore(pool),
         clock=clock,
@@ -128,9 +133,7 @@ async def test_limit_alarm_offline_suppression_and_restart(pool: asyncpg.Pool) -
 
     def make_engine(snapshot: Mapping[str, Any] | None) -> AlarmEngine:
         assert snapshot is not None
-        return AlarmEngine.restore(
-            snapshot, alarm_definitions(site), parents={"w": "e", "e": "p", "p": "g", "g": None}
-        )
+        return AlarmEngine.restore(snapshot, alarm_definitions(site), parents=parents(site))
 
     await restarted.restore(make_engine)
     assert restarted.engine.status("comp:offline").state.value == "active_unack"

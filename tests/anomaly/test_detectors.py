@@ -246,12 +246,8 @@ def test_ensemble_learns_nothing_from_the_anomalous_row() -> None:
     ],
 )
 def test_config_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
-    with pytest.raises(ValueError, match=f"field '{re_escape(field)}'"):
+    with pytest.raises(ValueError, match=f"field '{re.escape(field)}'"):
         build_detector(spec)
-
-
-def re_escape(text: str) -> str:
-    return re.escape(text)
 
 
 def test_default_kind_is_the_ensemble() -> None:

@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from anomaly.detectors import STATE_VERSION, PointMonitor, build_detector, detector_from_state
+from anomaly.detectors import PointMonitor, build_detector, detector_from_state
 from anomaly.profile import ProfileDetector
+from anomaly.scoring import STATE_VERSION
 
 ROW_S = 60.0
 ZONE = "Asia/Shanghai"

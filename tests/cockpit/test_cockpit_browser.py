@@ -12,7 +12,7 @@ the value.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import os
 import socket
 import time
@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _plant_helpers import eventually as _eventually
+from _plant_helpers import simulated_plant
 from aiohttp.test_utils import TestServer
 
 from control_engine.dispatcher import DispatchRequest
@@ -107,16 +109,8 @@ def _free_port() -> int:
         return port
 
 
-async def eventually(check: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.1) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return result
-            await asyncio.sleep(interval_s)
+eventually = functools.partial(_eventually, timeout_s=15.0, interval_s=0.1)
+"""Browser pages settle slower than the server: a longer default wait, polled less often."""
 
 
 @pytest.fixture
@@ -126,14 +120,8 @@ def site(unused_tcp_port_factory: Callable[[], int]) -> SiteConfig:
 
 @pytest.fixture
 async def plant(site: SiteConfig) -> AsyncIterator[SimulatedPlant]:
-    doc = site.model_dump(mode="json")
-    doc["devices"] = [d for d in doc["devices"] if d["id"] != "meter-gone"]  # no hardware behind it
-    simulated = SimulatedPlant.from_document(doc)
-    await simulated.start()
-    try:
+    async with simulated_plant(site, without={"meter-gone"}) as simulated:  # no hardware behind it
         yield simulated
-    finally:
-        await simulated.stop()
 
 
 @pytest.fixture

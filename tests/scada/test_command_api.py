@@ -7,17 +7,17 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _auth_helpers import TEST_SECRET_KEY, access_token, admin_headers
+from _plant_helpers import simulated_plant
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from scada.app import Role, create_app
 from scada.config import parse_site
-from scada.security import Grant, Principal, PrincipalKind, TokenSigner
+from scada.security import Grant, Principal, PrincipalKind
 from scada.security import Role as AccessRole
 from scada.services import Endpoints
 from scada.settings import Settings
-from simulators.plant import SimulatedPlant
 
 SITE = """
 site: {{id: t, name: Test}}
@@ -46,8 +46,7 @@ async def server(
     aiohttp_client: Callable[[web.Application], Any],
 ) -> Any:
     site = parse_site(SITE.format(port=unused_tcp_port))
-    plant = SimulatedPlant.from_document(site.model_dump(mode="json"))
-    async with plant:
+    async with simulated_plant(site) as plant:
         settings = Settings(stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY)
         endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
         app = create_app(site, settings, endpoints, roles=frozenset({Role.API, Role.GATEWAY}))
@@ -95,7 +94,7 @@ async def test_bad_commands_are_refused(
 async def test_a_viewer_cannot_command(server: Any) -> None:
     client, _plant = server
     viewer = Principal("t", "v", PrincipalKind.USER, (Grant("g", AccessRole.VIEWER),), frozenset({"g"}))
-    token = TokenSigner(TEST_SECRET_KEY.encode()).issue(viewer)
+    token = access_token(viewer)
     response = await client.post(
         "/api/v1/points/pv-1.power_limit_pct/commands",
         json={"value": 10},

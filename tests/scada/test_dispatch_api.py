@@ -6,7 +6,6 @@ dispatcher (the controller's rules submit them the same way), operators decide o
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _plant_helpers import eventually, simulated_plant
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -65,10 +65,7 @@ async def server(
     aiohttp_client: Callable[[web.Application], Any],
 ) -> AsyncIterator[tuple[TestClient[web.Request, web.Application], SimulatedPlant, Dispatcher]]:
     site = parse_site(SITE.format(port=unused_tcp_port_factory(), gone=unused_tcp_port_factory()))
-    plant = SimulatedPlant.from_document(
-        {**site.model_dump(mode="json"), "devices": [site.model_dump(mode="json")["devices"][0]]}
-    )
-    async with plant:
+    async with simulated_plant(site, without={"pv-gone"}) as plant:  # nothing answers for pv-gone
         settings = Settings(stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY)
         endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
         app = create_app(site, settings, endpoints, roles=frozenset({Role.API, Role.GATEWAY, Role.ANALYTICS}))
@@ -76,13 +73,6 @@ async def server(
             app, headers=admin_headers(site)
         )
         yield client, plant, client.server.app[DISPATCHER]
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    async with asyncio.timeout(timeout_s):
-        while not (value := await check()):
-            await asyncio.sleep(0.1)
-    return value
 
 
 async def test_operator_approves_a_dispatch_over_the_api(server: Any, pg_url: str) -> None:

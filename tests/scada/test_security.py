@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from _auth_helpers import TEST_SECRET_KEY
+from _auth_helpers import TEST_SECRET_KEY, two_tenant_site
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -39,45 +39,7 @@ from scada.security import (
 from scada.services import Endpoints
 from scada.settings import Settings
 
-SITE = """
-site: {id: s, name: Shared site}
-hierarchy:
-  - id: grp-e
-    name: East
-    level: group
-    children:
-      - id: park-e
-        name: Park E
-        level: park
-        children:
-          - id: ent-e
-            name: Ent E
-            level: enterprise
-            children: [{id: ws-e1, name: WS E1, level: workshop}, {id: ws-e2, name: WS E2, level: workshop}]
-  - id: grp-w
-    name: West
-    level: group
-    children:
-      - id: park-w
-        name: Park W
-        level: park
-        children:
-          - id: ent-w
-            name: Ent W
-            level: enterprise
-            children: [{id: ws-w, name: WS W, level: workshop}]
-tenants:
-  - {id: east, name: East Co, nodes: [grp-e]}
-  - {id: west, name: West Co, nodes: [grp-w]}
-templates:
-  meter:
-    points:
-      - {key: p_kw, kind: power, unit: kW, carrier: electricity, modbus: {address: 0, type: float32}}
-devices:
-  - {id: m-e1, node: ws-e1, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-  - {id: m-e2, node: ws-e2, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-  - {id: m-w, node: ws-w, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-"""
+SITE = two_tenant_site("Shared site")
 EAST_ADMIN = {"tenant": "east", "username": "alice", "password": "east-secret-1"}
 WEST_ADMIN = {"tenant": "west", "username": "bob", "password": "west-secret-1"}
 

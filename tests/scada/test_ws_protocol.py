@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from _auth_helpers import TEST_SECRET_KEY
+from _auth_helpers import TEST_SECRET_KEY, access_token, two_tenant_site
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -20,52 +20,18 @@ from scada.app import create_app
 from scada.config import parse_site
 from scada.model import PointId, Reading, StreamName
 from scada.runtime import Backoff
-from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
+from scada.security import Grant, Principal, PrincipalKind, Role
 from scada.services import Endpoints
 from scada.settings import Settings
 from streams.bus import stream_key
 from streams.codec import encode_readings
 
-SITE = """
-site: {id: s, name: Live site}
-hierarchy:
-  - id: grp-e
-    name: East
-    level: group
-    children:
-      - id: park-e
-        name: Park E
-        level: park
-        children:
-          - id: ent-e
-            name: Ent E
-            level: enterprise
-            children: [{id: ws-e1, name: WS E1, level: workshop}, {id: ws-e2, name: WS E2, level: workshop}]
-  - id: grp-w
-    name: West
-    level: group
-    children:
-      - id: park-w
-        name: Park W
-        level: park
-        children:
-          - id: ent-w
-            name: Ent W
-            level: enterprise
-            children: [{id: ws-w, name: WS W, level: workshop}]
-tenants:
-  - {id: east, name: East Co, nodes: [grp-e]}
-  - {id: west, name: West Co, nodes: [grp-w]}
-templates:
-  meter:
-    points:
-      - {key: p_kw, kind: power, unit: kW, carrier: electricity, modbus: {address: 0, type: float32}}
-      - {key: q_kvar, kind: power, unit: kW, carrier: electricity, modbus: {address: 2, type: float32}}
-devices:
-  - {id: m-e1, node: ws-e1, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-  - {id: m-e2, node: ws-e2, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-  - {id: m-w, node: ws-w, kind: power_meter, protocol: modbus_tcp, template: meter, modbus: {host: 127.0.0.1, port: 9}}
-"""
+SITE = two_tenant_site(
+    "Live site",
+    extra_points=[
+        "{key: q_kvar, kind: power, unit: kW, carrier: electricity, modbus: {address: 2, type: float32}}"
+    ],
+)
 
 
 def token(tenant: str, node: str, role: Role = Role.VIEWER) -> str:
@@ -76,7 +42,7 @@ def token(tenant: str, node: str, role: Role = Role.VIEWER) -> str:
         grants=(Grant(node, role),),
         tenant_nodes=frozenset({node}),
     )
-    return TokenSigner(TEST_SECRET_KEY.encode()).issue(principal)
+    return access_token(principal)
 
 
 @pytest.fixture
