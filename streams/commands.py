@@ -223,7 +223,9 @@ async def wait_result(
     """
     loop = asyncio.get_running_loop()
     deadline_s = loop.time() + timeout_s
-    last_id = after_id
+    # Ids are per stream: a result written in the same millisecond as its command can carry the
+    # command's very id (a refusal comes back that fast), and XREAD is exclusive, so start just before.
+    last_id = _just_before(after_id)
     while (remaining_s := deadline_s - loop.time()) > 0:
         block_ms = max(1, int(min(remaining_s, 1.0) * 1000))
         async with asyncio.timeout(remaining_s + 5.0):
@@ -237,6 +239,20 @@ async def wait_result(
             if result.correlation_id == correlation_id:
                 return result
     return None
+
+
+def _just_before(entry_id: str) -> str:
+    """Return the stream id right before ``entry_id`` (``0-0`` stays ``0-0``).
+
+    >>> _just_before("1700000000000-3"), _just_before("1700000000000-0"), _just_before("0-0")
+    ('1700000000000-2', '1699999999999-18446744073709551615', '0-0')
+    """
+    ms, _, seq = entry_id.partition("-")
+    if not ms.isdigit() or not seq.isdigit() or (int(ms) == 0 and int(seq) == 0):
+        return entry_id
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-{2**64 - 1}"
 
 
 # --------------------------------------------------------------------------------------------------
