@@ -88,7 +88,7 @@ from scada.settings import Settings
 from scada.sharding import Shard
 from streams.bus import RedisReadingSink, run_consumer, stream_key
 from streams.codec import decode_reading_rows, encode_json_event
-from streams.commands import run_command_executor, send_command, wait_result
+from streams.commands import run_command_executor, send_and_wait
 from streams.historian import HistorianStage
 from streams.live import LiveHub, follow_availability, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
@@ -595,9 +595,13 @@ def _start_dispatcher(app: web.Application) -> None:
     channel, store, audit = app[COMMANDS], app[STORE], app[AUTH].audit
 
     async def send(command: Command, wait_s: float) -> CommandResult | None:
-        entry = await send_command(channel.redis, channel.commands_key, command, timeout_s=channel.timeout_s)
-        return await wait_result(
-            channel.redis, channel.results_key, command.correlation_id, after_id=entry, timeout_s=wait_s
+        return await send_and_wait(
+            channel.redis,
+            channel.commands_key,
+            channel.results_key,
+            command,
+            wait_s=wait_s,
+            timeout_s=channel.timeout_s,
         )
 
     hub = app[HUB]

@@ -46,7 +46,7 @@ from scada.runtime import SystemClock, tune_gc_for_server
 from scada.services import DEFAULT_LOCAL, Endpoints, running_services
 from scada.settings import EMBEDDED, Settings
 from streams.bus import stream_key
-from streams.commands import send_command, wait_result
+from streams.commands import send_and_wait
 
 __all__ = ["main"]
 
@@ -244,15 +244,13 @@ async def _send_command(args: argparse.Namespace, settings: Settings) -> dict[st
     )
     prefix = settings.stream_prefix
     try:
-        entry = await send_command(
-            redis, stream_key(prefix, StreamName.COMMANDS), command, timeout_s=settings.service_timeout_s
-        )
-        result = await wait_result(
+        result = await send_and_wait(
             redis,
+            stream_key(prefix, StreamName.COMMANDS),
             stream_key(prefix, StreamName.COMMAND_RESULTS),
-            command.correlation_id,
-            after_id=entry,
-            timeout_s=args.timeout,
+            command,
+            wait_s=args.timeout,
+            timeout_s=settings.service_timeout_s,
         )
     except (RedisError, OSError, TimeoutError) as err:
         raise ServiceError(f"Redis at {url}: {err}") from err

@@ -61,7 +61,9 @@ __all__ = [
     "decode_result",
     "encode_command",
     "encode_result",
+    "results_cursor",
     "run_command_executor",
+    "send_and_wait",
     "send_command",
     "wait_result",
 ]
@@ -219,13 +221,14 @@ async def wait_result(
 ) -> CommandResult | None:
     """Return the result of ``correlation_id`` once a gateway publishes it, or None after ``timeout_s``.
 
-    Reads ``command_results`` from ``after_id`` (use the command's entry id: its result comes later).
+    Reads ``command_results`` after ``after_id``, a position in that stream taken before the command
+    was sent (:func:`results_cursor`). Not the command's own id: ids are per stream, and a result
+    written in the same millisecond as its command (a refusal comes back that fast) can carry that
+    very id, which a read strictly after it would miss.
     """
     loop = asyncio.get_running_loop()
     deadline_s = loop.time() + timeout_s
-    # Ids are per stream: a result written in the same millisecond as its command can carry the
-    # command's very id (a refusal comes back that fast), and XREAD is exclusive, so start just before.
-    last_id = _just_before(after_id)
+    last_id = after_id
     while (remaining_s := deadline_s - loop.time()) > 0:
         block_ms = max(1, int(min(remaining_s, 1.0) * 1000))
         async with asyncio.timeout(remaining_s + 5.0):
@@ -241,18 +244,29 @@ async def wait_result(
     return None
 
 
-def _just_before(entry_id: str) -> str:
-    """Return the stream id right before ``entry_id`` (``0-0`` stays ``0-0``).
+async def results_cursor(redis: Redis, results_key: str, *, timeout_s: float = 5.0) -> str:
+    """Return the id of the newest entry of ``command_results`` (``0-0`` if none).
 
-    >>> _just_before("1700000000000-3"), _just_before("1700000000000-0"), _just_before("0-0")
-    ('1700000000000-2', '1699999999999-18446744073709551615', '0-0')
+    Taken before a command is sent, it is where :func:`wait_result` starts to see its result.
     """
-    ms, _, seq = entry_id.partition("-")
-    if not ms.isdigit() or not seq.isdigit() or (int(ms) == 0 and int(seq) == 0):
-        return entry_id
-    if int(seq) > 0:
-        return f"{ms}-{int(seq) - 1}"
-    return f"{int(ms) - 1}-{2**64 - 1}"
+    async with asyncio.timeout(timeout_s):
+        newest: Any = await redis.xrevrange(results_key, count=1)
+    return as_text(newest[0][0]) if newest else "0-0"
+
+
+async def send_and_wait(
+    redis: Redis,
+    commands_key: str,
+    results_key: str,
+    command: Command,
+    *,
+    wait_s: float,
+    timeout_s: float = 5.0,
+) -> CommandResult | None:
+    """Send a command and return its result, or None if no gateway answered within ``wait_s``."""
+    cursor = await results_cursor(redis, results_key, timeout_s=timeout_s)
+    await send_command(redis, commands_key, command, timeout_s=timeout_s)
+    return await wait_result(redis, results_key, command.correlation_id, after_id=cursor, timeout_s=wait_s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from scada.api.problem import ApiProblem, json_object
 from scada.api.problem import invalid as _invalid
 from scada.api.routes import CATALOG
 from scada.model import Command, PointId, Priority, ServiceError
-from streams.commands import send_command, wait_result
+from streams.commands import send_and_wait
 
 __all__ = ["COMMANDS", "CommandChannel", "add_command_routes"]
 
@@ -90,15 +90,13 @@ async def post_command(request: web.Request) -> web.Response:
         ),
     )
     try:
-        entry_id = await send_command(
-            channel.redis, channel.commands_key, command, timeout_s=channel.timeout_s
-        )
-        result = await wait_result(
+        result = await send_and_wait(
             channel.redis,
+            channel.commands_key,
             channel.results_key,
-            command.correlation_id,
-            after_id=entry_id,
-            timeout_s=float(wait_s),
+            command,
+            wait_s=float(wait_s),
+            timeout_s=channel.timeout_s,
         )
     except (RedisError, OSError, TimeoutError) as err:
         raise ServiceError(f"command channel: {err}") from err

@@ -24,7 +24,7 @@ from scada.runtime import SystemClock, TaskSupervisor
 from scada.sharding import Shard
 from simulators.plant import SimulatedPlant
 from streams.bus import RedisReadingSink, stream_key
-from streams.commands import run_command_executor, send_command, wait_result
+from streams.commands import run_command_executor, send_and_wait
 
 SITE = """
 site: {{id: t, name: Test}}
@@ -109,18 +109,13 @@ async def test_commands_reach_the_device_through_the_stream_and_come_back_verifi
             ("c-1", "pv-1.power_limit_pct", 30),
             ("c-2", "pv-3.power_limit_pct", 130),
         ):
-            entry = await send_command(
-                redis_client,
-                stream_key(stream_prefix, StreamName.COMMANDS),
-                command(point, value, correlation_id),
-            )
             results.append(
-                await wait_result(
+                await send_and_wait(
                     redis_client,
+                    stream_key(stream_prefix, StreamName.COMMANDS),
                     stream_key(stream_prefix, StreamName.COMMAND_RESULTS),
-                    correlation_id,
-                    after_id=entry,
-                    timeout_s=10,
+                    command(point, value, correlation_id),
+                    wait_s=10,
                 )
             )
         assert plant.device("pv-1").value("power_limit_pct") == 30
@@ -149,17 +144,12 @@ async def test_each_shard_supervises_and_commands_only_its_own_devices(
             assert [sorted(g.sessions) for g in gateways] == [["pv-3"], ["pv-1"]]
             for gateway in gateways:
                 assert all(owners[d] == gateway.shard for d in gateway.sessions)
-            entry = await send_command(
+            result = await send_and_wait(
                 redis_client,
                 stream_key(stream_prefix, StreamName.COMMANDS),
-                command("pv-3.power_limit_pct", 45, "c-s"),
-            )
-            result = await wait_result(
-                redis_client,
                 stream_key(stream_prefix, StreamName.COMMAND_RESULTS),
-                "c-s",
-                after_id=entry,
-                timeout_s=10,
+                command("pv-3.power_limit_pct", 45, "c-s"),
+                wait_s=10,
             )
             assert plant.device("pv-3").value("power_limit_pct") == 45
     assert result is not None

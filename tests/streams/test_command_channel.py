@@ -22,7 +22,9 @@ from streams.commands import (
     decode_result,
     encode_command,
     encode_result,
+    results_cursor,
     run_command_executor,
+    send_and_wait,
     send_command,
     wait_result,
 )
@@ -138,10 +140,7 @@ async def executor(
 
 
 async def send(redis: aioredis.Redis, prefix: str, cmd: Command) -> CommandResult | None:
-    entry = await send_command(redis, f"{prefix}commands", cmd)
-    return await wait_result(
-        redis, f"{prefix}command_results", cmd.correlation_id, after_id=entry, timeout_s=5
-    )
+    return await send_and_wait(redis, f"{prefix}commands", f"{prefix}command_results", cmd, wait_s=5)
 
 
 async def test_a_command_is_executed_once_and_its_result_found_by_correlation_id(
@@ -151,7 +150,8 @@ async def test_a_command_is_executed_once_and_its_result_found_by_correlation_id
     async with executor(redis_client, stream_prefix, device):
         await asyncio.sleep(0.2)  # the group is created at "$": commands sent from now on count
         first = await send(redis_client, stream_prefix, command("c-once"))
-        again = await send_command(redis_client, f"{stream_prefix}commands", command("c-once"))  # a retry
+        again = await results_cursor(redis_client, f"{stream_prefix}command_results")
+        await send_command(redis_client, f"{stream_prefix}commands", command("c-once"))  # a retry
         other = await send(redis_client, stream_prefix, command("c-other", value=55))
         await asyncio.sleep(0.3)
         assert (
@@ -191,7 +191,8 @@ async def test_a_command_older_than_its_limit_is_not_executed(
 ) -> None:
     device = Device()
     await redis_client.xgroup_create(f"{stream_prefix}commands", "gateway-0of1", id="$", mkstream=True)
-    entry = await send_command(redis_client, f"{stream_prefix}commands", command("c-old"))
+    entry = await results_cursor(redis_client, f"{stream_prefix}command_results")
+    await send_command(redis_client, f"{stream_prefix}commands", command("c-old"))
     await asyncio.sleep(1.2)  # the gateway was down while the command waited
     async with executor(redis_client, stream_prefix, device, max_age_s=1.0):
         result = await wait_result(
@@ -210,7 +211,8 @@ async def test_a_gateway_that_died_mid_write_reports_an_unknown_outcome_instead_
     device.hold.clear()  # the device never answers: the gateway dies while waiting
     async with executor(redis_client, stream_prefix, device):
         await asyncio.sleep(0.2)
-        entry = await send_command(redis_client, f"{stream_prefix}commands", command("c-crash"))
+        entry = await results_cursor(redis_client, f"{stream_prefix}command_results")
+        await send_command(redis_client, f"{stream_prefix}commands", command("c-crash"))
         async with asyncio.timeout(5):
             while not device.writes:
                 await asyncio.sleep(0.01)
