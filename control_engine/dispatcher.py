@@ -28,6 +28,7 @@ Everything is audited through the ``audit`` callback: who, what and why.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -63,6 +64,9 @@ LatestValue = Callable[[PointId], Awaitable[float | None]]
 """The point's current value (to revert to), or None if unknown."""
 
 SEND_WAIT_S: Final = 10.0
+APPROVAL_WAIT_S: Final = 15.0
+"""How long an approval over the API waits for the control leader's outcome before answering."""
+APPROVAL_POLL_S: Final = 0.1
 
 
 class DispatchMode(enum.StrEnum):
@@ -284,7 +288,13 @@ class Dispatcher:
         retries: int = 2,
         retry_pause_s: float = 2.0,
         send_wait_s: float = SEND_WAIT_S,
+        active: bool = True,
     ) -> None:
+        """Set up; ``active`` is False where the control lease is not held.
+
+        A passive dispatcher records operator decisions; the leader's :meth:`run` carries approved
+        dispatches out.
+        """
         if retries < 0 or retry_pause_s < 0 or send_wait_s <= 0:
             raise ValueError("retries and retry_pause_s must be >= 0, send_wait_s > 0")
         self._store = store
@@ -296,6 +306,7 @@ class Dispatcher:
         self._retries = retries
         self._retry_pause_s = retry_pause_s
         self._send_wait_s = send_wait_s
+        self._active = active
         self._heartbeat = 0
 
     @property
@@ -321,7 +332,7 @@ class Dispatcher:
             actor, "dispatch.propose", dispatch, {"state": state.value, "reason": request.reason}
         )
         if state is DispatchState.APPROVED:
-            return await self._execute(dispatch)
+            return await self._execute(dispatch) if self._active else await self._outcome(dispatch)
         return dispatch
 
     async def approve(self, dispatch_id: int, *, by: str, comment: str = "") -> Dispatch:
@@ -337,7 +348,21 @@ class Dispatcher:
         if approved is None:
             raise await self._refusal(dispatch_id, "approve")
         await self._note(by, "dispatch.approve", approved, {"comment": comment})
+        if not self._active:
+            return await self._outcome(approved)
         return await self._execute(approved)
+
+    async def _outcome(self, approved: Dispatch) -> Dispatch:
+        """Wait (at most ``APPROVAL_WAIT_S``) for the control leader to carry out an approval."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPROVAL_WAIT_S
+        current = approved
+        while loop.time() < deadline:
+            await asyncio.sleep(APPROVAL_POLL_S)
+            current = await self._store.get(approved.id) or current
+            if current.state not in (DispatchState.APPROVED, DispatchState.SENDING):
+                break
+        return current  # still approved or sending after the wait: the caller polls GET
 
     async def reject(self, dispatch_id: int, *, by: str, comment: str = "") -> Dispatch:
         """Reject a waiting dispatch."""
@@ -408,6 +433,26 @@ class Dispatcher:
             if attempt < self._retries:
                 await self._clock.sleep(self._retry_pause_s)
         return result, attempts
+
+    async def execute_approved(self) -> list[Dispatch]:
+        """Carry out dispatches approved elsewhere (an API process) or left approved by a restart."""
+        approved = await self._store.select(states=[DispatchState.APPROVED], limit=100)
+        out: list[Dispatch] = []
+        now = self._clock.now()
+        for dispatch in reversed(approved):  # oldest first
+            if dispatch.hold_until is not None and dispatch.hold_until <= now:
+                expired = await self._store.transition(
+                    dispatch.id,
+                    [DispatchState.APPROVED],
+                    DispatchState.FAILED,
+                    result={"status": "expired", "reason": "its hold ended before it could be sent"},
+                )
+                if expired is not None:
+                    await self._note("dispatcher", "dispatch.failed", expired, {"reason": "expired"})
+                    out.append(expired)
+                continue
+            out.append(await self._execute(dispatch))
+        return out
 
     async def revert_due(self) -> list[Dispatch]:
         """Write the previous value back for every hold that has ended."""
@@ -486,11 +531,12 @@ class Dispatcher:
     async def run(
         self, *, heartbeat_points: Sequence[PointId] = (), period_s: float = 1.0, heartbeat_s: float = 10.0
     ) -> None:
-        """Revert ended holds every ``period_s`` and beat every ``heartbeat_s`` until cancelled."""
+        """Send approved dispatches, revert ended holds every ``period_s`` and beat every ``heartbeat_s``."""
         await self.resume()
         since_beat = heartbeat_s
         while True:
             try:
+                await self.execute_approved()
                 await self.revert_due()
                 if heartbeat_points and since_beat >= heartbeat_s:
                     since_beat = 0.0

@@ -15,6 +15,7 @@ Every task is owned by a :class:`~scada.runtime.TaskSupervisor` and cancelled on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hashlib
 import json
@@ -36,7 +37,7 @@ from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
 from control_engine.controller import ControlService, dispatch_modes
-from control_engine.dispatcher import Dispatcher, DispatchStore
+from control_engine.dispatcher import CommandSender, Dispatcher, DispatchStore
 from control_engine.forecast import MonthForecaster, month_key
 from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
@@ -55,6 +56,7 @@ from scada.api.routes import (
     DEADLETTER,
     FACTORS,
     HUB,
+    LEASE,
     QUERIES,
     SERVICE_ORIGINS,
     STORE,
@@ -67,6 +69,7 @@ from scada.catalog import SiteCatalog, ledger_points, sync_catalog
 from scada.config import SiteConfig
 from scada.db import create_pool, migrate
 from scada.gateway import Gateway
+from scada.leader import LeaderLease, fence_key
 from scada.model import (
     Carrier,
     Clock,
@@ -75,7 +78,6 @@ from scada.model import (
     ConfigError,
     NodeId,
     PointId,
-    Reading,
     ServiceError,
     StreamName,
 )
@@ -121,6 +123,8 @@ class Role(enum.StrEnum):
     GATEWAY = "gateway"
     HISTORIAN = "historian"
     ANALYTICS = "analytics"
+    CONTROL = "control"
+    """The dispatcher and the controller, in the one process that holds the control lease."""
     API = "api"
 
 
@@ -134,6 +138,8 @@ class Plant:
         self.carbon: CarbonService | None = None
         self.anomaly: AnomalyService | None = None
         self.notifier: Notifier | None = None
+        self.leader_dispatcher: Dispatcher | None = None
+        """The sending dispatcher, while this process holds the control lease."""
         self.supervisor = TaskSupervisor("plant")
 
     @property
@@ -329,10 +335,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
             plant.supervisor.spawn(
                 _retention(_retention_job(app[_POOL], app[CATALOG].site, clock), clock), name="retention"
             )
-        if Role.ANALYTICS in roles:
-            await _start_carbon(app, consumer_name)
-            await _start_anomaly(app, consumer_name)
-            _start_dispatcher(app)
+        await _start_analytics_and_control(app, roles, consumer_name)
         if Role.GATEWAY in roles:
             plant.sink = RedisReadingSink(
                 redis,
@@ -368,6 +371,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                     execute=gateway.execute,
                     timeout_s=settings.service_timeout_s,
                     clock=clock,
+                    fence_key=fence_key(prefix),
                 ),
                 name="commands",
             )
@@ -589,70 +593,130 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
     )
 
 
-def _start_dispatcher(app: web.Application) -> None:
-    """Start the dispatcher: the controller's only path to devices (analytics role)."""
-    settings, clock, plant = app[SETTINGS], app[_CLOCK], app[PLANT]
-    channel, store, audit = app[COMMANDS], app[STORE], app[AUTH].audit
+async def _start_analytics_and_control(
+    app: web.Application, roles: frozenset[Role], consumer_name: str
+) -> None:
+    if Role.API in roles:
+        app[DISPATCHER] = _new_dispatcher(app, fence=None)  # records approvals; the leader sends
+    if Role.ANALYTICS in roles:
+        await _start_carbon(app, consumer_name)
+        await _start_anomaly(app, consumer_name)
+    if Role.CONTROL in roles:
+        _start_control(app)
+
+
+def _dispatch_sender(app: web.Application, fence: int | None) -> CommandSender:
+    """Return the dispatcher's path to devices: the command channel, with the leader's fence."""
+    channel = app[COMMANDS]
 
     async def send(command: Command, wait_s: float) -> CommandResult | None:
+        if fence is None:
+            raise OSError("not the control leader: dispatches are sent by the process holding the lease")
         return await send_and_wait(
             channel.redis,
             channel.commands_key,
             channel.results_key,
-            command,
+            dataclasses.replace(command, fence=fence),
             wait_s=wait_s,
             timeout_s=channel.timeout_s,
         )
 
+    return send
+
+
+def _new_dispatcher(app: web.Application, *, fence: int | None) -> Dispatcher:
+    """Return a dispatcher: active (sends) with the leader's fence, passive (records) without."""
+    settings, clock, store, audit = app[SETTINGS], app[_CLOCK], app[STORE], app[AUTH].audit
     hub = app[HUB]
 
-    async def current(point: PointId) -> Reading | None:
-        # The live hub when this process feeds one (api role), else the newest stored reading.
-        return hub.latest(point) or await store.latest(point)
-
     async def latest(point: PointId) -> float | None:
-        reading = await current(point)
+        # The live hub when this process feeds one (api role), else the newest stored reading.
+        reading = hub.latest(point) or await store.latest(point)
         return reading.value if reading is not None and reading.quality.is_good else None
 
     async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
         await audit.append(actor=actor, action=action, target=target, detail=detail)
 
-    site = app[CATALOG].site
-    control = site.control
-    nodes = list(app[CATALOG].parents)
-    dispatcher = app[DISPATCHER] = Dispatcher(
+    control = app[CATALOG].site.control
+    return Dispatcher(
         app[DISPATCH_STORE],
-        send,
+        _dispatch_sender(app, fence),
         latest,
         clock=clock,
-        modes=dispatch_modes(control, nodes) if control is not None else None,
+        modes=dispatch_modes(control, list(app[CATALOG].parents)) if control is not None else None,
         audit=note,
         send_wait_s=settings.service_timeout_s * 2,
+        active=fence is not None,
     )
-    plant.supervisor.spawn(dispatcher.run(), name="dispatcher")
+
+
+def _start_control(app: web.Application) -> None:
+    """Campaign for the control lease; the holder runs the dispatcher and the controller (control role)."""
+    settings, plant = app[SETTINGS], app[PLANT]
+    lease = app[LEASE] = LeaderLease(
+        app[_REDIS], prefix=settings.stream_prefix, timeout_s=settings.service_timeout_s
+    )
+    plant.supervisor.spawn(lease.run(lambda fence: _lead(app, fence)), name="control-lease")
+
+
+async def _lead(app: web.Application, fence: int) -> None:
+    """Run the control leader's work until the lease ends (see :mod:`scada.leader`)."""
+    supervisor = TaskSupervisor(f"control-{fence}")
+    try:
+        dispatcher = app[PLANT].leader_dispatcher = _new_dispatcher(app, fence=fence)
+        supervisor.spawn(dispatcher.run(), name="dispatcher")
+        controller = _controller(app, dispatcher)
+        if controller is not None:
+            supervisor.spawn(controller.run(), name="controller")
+        await asyncio.Event().wait()  # until the lease ends
+    finally:
+        app[PLANT].leader_dispatcher = None
+        await supervisor.close()
+
+
+def _controller(app: web.Application, dispatcher: Dispatcher) -> ControlService | None:
+    """Return the carbon-budget controller of the site's ``control:`` section (None without one)."""
+    clock, plant, store, audit = app[_CLOCK], app[PLANT], app[STORE], app[AUTH].audit
+    site = app[CATALOG].site
+    control = site.control
     if control is None:
-        return
-    catalog, factors = app[CATALOG], app[FACTORS]
+        return None
+    catalog, factors, hub = app[CATALOG], app[FACTORS], app[HUB]
+    carbon_store, carbon_queries = app[CARBON_STORE], app[CARBON_QUERIES]
     zone = ZoneInfo(site.site.timezone)
 
     async def budgets() -> dict[str, NodeBudget]:
-        # The quotas and forecasts the carbon service evaluated last (every minute): no query here.
-        carbon = plant.carbon
-        if carbon is None:
-            return {}
         month = month_key(clock.now().astimezone(zone))
+        carbon = plant.carbon
+        if carbon is not None:
+            # The quotas and forecasts this process's carbon service evaluated last: no query.
+            return {
+                quota.node: NodeBudget.from_forecast(forecast, quota_t=quota.quota_t)
+                for quota in carbon.quotas
+                if quota.month == month
+                and (forecast := carbon.forecasts.get(quota.node)) is not None
+                and forecast.month == month
+            }
+        # Another process runs the analytics role: its stored forecasts (written every minute).
+        quotas = {q.node: q.quota_t for q in await carbon_store.quotas(month)}
         return {
-            quota.node: NodeBudget.from_forecast(forecast, quota_t=quota.quota_t)
-            for quota in carbon.quotas
-            if quota.month == month
-            and (forecast := carbon.forecasts.get(quota.node)) is not None
-            and forecast.month == month
+            row["node_id"]: NodeBudget(
+                node=NodeId(row["node_id"]),
+                month=month,
+                quota_t=quotas[row["node_id"]],
+                actual_t=row["actual_t"],
+                forecast_t=row["forecast_t"],
+                forecast_high_t=row["high_t"],
+                computed_at=row["computed_at"],
+            )
+            for row in await carbon_queries.forecasts(month)
+            if row["node_id"] in quotas
         }
 
     async def points(watched: Sequence[PointId]) -> dict[str, PointState]:
         out: dict[str, PointState] = {}
         for point in watched:
-            reading = await current(point)
+            reading = hub.latest(point) or await store.latest(point)
             if reading is None:
                 continue
             entry = catalog.point(point)
@@ -671,18 +735,19 @@ def _start_dispatcher(app: web.Application) -> None:
         value = factors.in_force(Carrier.ELECTRICITY, clock.now(), site.carbon.grid_region).value
         return value, (value,) * 24
 
-    watched = _watched_points(control.model_dump(mode="json"), catalog)
-    controller = ControlService(
+    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        await audit.append(actor=actor, action=action, target=target, detail=detail)
+
+    return ControlService(
         control,
         dispatcher,
         budgets=budgets,
         points=points,
         intensity=intensity,
-        watched=watched,
+        watched=_watched_points(control.model_dump(mode="json"), catalog),
         clock=clock,
         audit=note,
     )
-    plant.supervisor.spawn(controller.run(), name="controller")
 
 
 def _watched_points(document: Any, catalog: SiteCatalog) -> list[PointId]:

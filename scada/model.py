@@ -366,6 +366,8 @@ class Command:
     reason: str
     correlation_id: str
     hold_until: datetime | None = None
+    fence: int | None = None
+    """The control leader's fencing token (:mod:`scada.leader`); gateways refuse a stale one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,11 @@ sent twice by a retrying client, is never written twice. An entry re-delivered a
 died between claim and result gets a TIMEOUT result ("interrupted: outcome unknown"): the write may
 have reached the device, and saying so is the honest answer.
 
+A command that carries a control leader's fencing token (``fence``, see :mod:`scada.leader`) is
+refused (REJECTED, "fenced") when the fencing counter in Redis has moved past it: a newer leader was
+elected, so the sender is a deposed one (frozen, partitioned) and its write must not reach a device.
+Commands without a fence (an operator's manual write) are not subject to it.
+
 A command older than ``max_age_s`` when a gateway first sees it (a gateway that was down for an
 hour) is not executed: it FAILS as expired. Writing an hour-old setpoint to a PLC is worse than not
 writing it.
@@ -23,7 +28,7 @@ Wire format (version 1)
 ::
 
     commands:        v = b"1", c = {"point", "value", "priority", "source", "reason",
-                                     "correlation_id", "hold_until_us"}
+                                     "correlation_id", "hold_until_us", "fence"?}
     command_results: v = b"1", r = {"correlation_id", "point", "requested", "status", "ts_us",
                                      "readback", "reason", "elapsed_ms", "executor"}
 """
@@ -107,6 +112,8 @@ def encode_command(command: Command) -> dict[bytes, bytes]:
         "correlation_id": command.correlation_id,
         "hold_until_us": _us(command.hold_until) if command.hold_until is not None else None,
     }
+    if command.fence is not None:
+        body["fence"] = command.fence
     return {b"v": _VERSION, b"c": json.dumps(body, allow_nan=False).encode()}
 
 
@@ -154,6 +161,9 @@ def decode_command(fields: Mapping[Any, Any]) -> Command:
     except (KeyError, TypeError, ValueError):
         raise DecodeError(f"priority: unknown priority {body.get('priority')!r}") from None
     hold = body.get("hold_until_us")
+    fence = body.get("fence")
+    if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int) or fence < 1):
+        raise DecodeError(f"fence: expected a positive integer, got {fence!r}")
     return Command(
         point=PointId(point),
         value=_number(body, "value"),
@@ -162,6 +172,7 @@ def decode_command(fields: Mapping[Any, Any]) -> Command:
         reason=_text(body, "reason", required=False),
         correlation_id=_text(body, "correlation_id"),
         hold_until=None if hold is None else _from_us("hold_until_us", hold),
+        fence=fence,
     )
 
 
@@ -290,11 +301,14 @@ async def run_command_executor(
     timeout_s: float = 5.0,
     clock: Clock | None = None,
     backoff: Backoff | None = None,
+    fence_key: str | None = None,
 ) -> None:
     """Execute this gateway's commands from the ``commands`` stream until cancelled.
 
     Commands run concurrently (up to ``max_in_flight``; one slow device does not hold up the others)
-    and each entry is acknowledged only after its result is in ``command_results``.
+    and each entry is acknowledged only after its result is in ``command_results``. ``fence_key`` is
+    the control leader's fencing counter (:func:`scada.leader.fence_key`): fenced commands older
+    than it are refused.
     """
     executor = _Executor(
         redis=redis,
@@ -312,6 +326,7 @@ async def run_command_executor(
         timeout_s=timeout_s,
         clock=clock or SystemClock(),
         backoff=backoff or Backoff(max_s=5.0),
+        fence_key=fence_key,
     )
     await executor.run()
 
@@ -335,6 +350,7 @@ class _Executor:
     timeout_s: float
     clock: Clock
     backoff: Backoff
+    fence_key: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     in_progress: set[str] = field(default_factory=set)
     redis_ok: bool | None = None
@@ -438,7 +454,18 @@ class _Executor:
                 await self._ack(entry_id)
             return
         age_s = (self.clock.now() - _entry_time(entry_id)).total_seconds()
-        if age_s > self.max_age_s:
+        newest_fence = await self._newest_fence() if command.fence is not None else None
+        if newest_fence is not None and command.fence is not None and command.fence < newest_fence:
+            result = CommandResult.of(
+                command,
+                CommandStatus.REJECTED,
+                ts=self.clock.now(),
+                reason=(
+                    f"fenced: sent by a control leader with fence {command.fence}, "
+                    f"but leader fence {newest_fence} is newer"
+                ),
+            )
+        elif age_s > self.max_age_s:
             result = CommandResult.of(
                 command,
                 CommandStatus.FAILED,
@@ -448,6 +475,13 @@ class _Executor:
         else:
             result = await self.execute(command)
         await self._publish(entry_id, result, claim_key)
+
+    async def _newest_fence(self) -> int | None:
+        if self.fence_key is None:
+            return None
+        async with asyncio.timeout(self.timeout_s):
+            raw = await self.redis.get(self.fence_key)
+        return int(raw) if raw is not None else None
 
     async def _publish(self, entry_id: str, result: CommandResult, claim_key: str) -> None:
         """Append the result, mark the claim done and acknowledge the entry, all in one MULTI."""

@@ -24,6 +24,7 @@ from scada.api.openapi import docs_page, openapi_json
 from scada.api.problem import ApiProblem, invalid, parse_time, query_cursor, query_int
 from scada.catalog import COUNTER_KINDS, PointEntry, SiteCatalog
 from scada.config import NodeConfig
+from scada.leader import LeaderLease
 from scada.model import UTC, Carrier, DeviceId, NotFound, Reading, ReadingStore, ServiceError
 from streams.bus import read_deadletter
 from streams.live import LiveHub
@@ -52,6 +53,8 @@ QUERIES = web.AppKey("queries", PostgresReadingStore)
 HUB = web.AppKey("hub", LiveHub)
 SERVICE_ORIGINS = web.AppKey("service_origins", dict[str, str])
 FACTORS = web.AppKey("factors", FactorLibrary)
+LEASE = web.AppKey("control_lease", LeaderLease)
+"""The control lease, in a process with the control role (its status is part of the health answer)."""
 """The emission factor library with the site's overrides."""
 
 
@@ -143,6 +146,7 @@ async def health(request: web.Request) -> web.Response:
             "version": __version__,
             "services": request.app[SERVICE_ORIGINS],
             "live": {"readings_seen": hub.readings_seen, "subscribers": hub.subscriber_count},
+            **({"control": lease.status.to_json()} if (lease := request.app.get(LEASE)) else {}),
         }
     )
 

@@ -1,7 +1,8 @@
 """Dispatches through the real server: the gateway writes a simulated inverter, reads it back, reverts.
 
-The server runs the API, gateway and analytics roles; dispatch requests are submitted to its
-dispatcher (the controller's rules submit them the same way), operators decide over REST.
+The server runs the API, gateway, analytics and control roles; dispatch requests are submitted to the
+control leader's dispatcher (the controller's rules submit them the same way), operators decide over
+REST (the API process records the decision, the leader sends it).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from control_engine.control_config import parse_control
 from control_engine.controller import ControlService
 from control_engine.dispatcher import Dispatcher, DispatchRequest, DispatchState
 from control_engine.rules import NodeBudget, PointState
-from scada.api.dispatches import DISPATCHER
-from scada.app import Role, create_app
+from scada.app import PLANT, Role, create_app
 from scada.config import parse_site
 from scada.model import NodeId, PointId, QualityCode
 from scada.services import Endpoints
@@ -68,11 +68,19 @@ async def server(
     async with simulated_plant(site, without={"pv-gone"}) as plant:  # nothing answers for pv-gone
         settings = Settings(stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY)
         endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
-        app = create_app(site, settings, endpoints, roles=frozenset({Role.API, Role.GATEWAY, Role.ANALYTICS}))
+        app = create_app(
+            site, settings, endpoints, roles=frozenset({Role.API, Role.GATEWAY, Role.ANALYTICS, Role.CONTROL})
+        )
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
             app, headers=admin_headers(site)
         )
-        yield client, plant, client.server.app[DISPATCHER]
+        running = client.server.app[PLANT]
+
+        async def leading() -> bool:
+            return running.leader_dispatcher is not None
+
+        await eventually(leading)  # this process holds the control lease
+        yield client, plant, running.leader_dispatcher
 
 
 async def test_operator_approves_a_dispatch_over_the_api(server: Any, pg_url: str) -> None:
@@ -232,3 +240,10 @@ async def test_the_controller_escalates_and_dispatches_once_through_the_gateway(
     assert [(d.rule_id, d.value) for d in verified] == [("pv-limit", 60.0)]
     await controller.cycle()  # the same write is in force: not asked again
     assert len(await dispatcher.store.select()) == 1
+
+
+async def test_health_says_this_process_leads_with_its_fence(server: Any) -> None:
+    client, _plant, _dispatcher = server
+    health = await (await client.get("/api/v1/health")).json()
+    assert health["control"]["leader"] is True
+    assert health["control"]["fence"] >= 1

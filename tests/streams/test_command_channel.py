@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -225,3 +226,57 @@ async def test_a_gateway_that_died_mid_write_reports_an_unknown_outcome_instead_
     assert result.status is CommandStatus.TIMEOUT
     assert "outcome unknown" in result.reason
     assert len(device.writes) == 1  # written once, never again
+
+
+def fenced(correlation_id: str, fence: int) -> Command:
+    return dataclasses.replace(command(correlation_id), source="dispatch:1", fence=fence)
+
+
+async def test_a_deposed_leaders_command_is_refused_and_the_current_leaders_runs(
+    redis_client: aioredis.Redis, stream_prefix: str
+) -> None:
+    """A command whose fencing token is older than the newest leader's never reaches the device."""
+    device = Device()
+    fence = f"{stream_prefix}control:fence"
+    task = asyncio.create_task(
+        run_command_executor(
+            redis_client,
+            commands_key=f"{stream_prefix}commands",
+            results_key=f"{stream_prefix}command_results",
+            deadletter_key=f"{stream_prefix}deadletter",
+            claims_prefix=f"{stream_prefix}claim:",
+            group="gateway-0of1",
+            consumer="gw-test",
+            owns=device.owns,
+            execute=device.execute,
+            timeout_s=2.0,
+            fence_key=fence,
+        )
+    )
+    try:
+        await asyncio.sleep(0.2)
+        await redis_client.set(fence, 7)  # leader 7 was elected after leader 6
+        stale = await send(redis_client, stream_prefix, fenced("c-old-leader", 6))
+        current = await send(redis_client, stream_prefix, fenced("c-new-leader", 7))
+        manual = await send(redis_client, stream_prefix, command("c-operator"))  # no fence: not subject
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert stale is not None
+    assert stale.status is CommandStatus.REJECTED
+    assert "fenced" in stale.reason
+    assert "7" in stale.reason
+    assert current is not None
+    assert current.status is CommandStatus.VERIFIED
+    assert manual is not None
+    assert manual.status is CommandStatus.VERIFIED
+    assert [c.correlation_id for c in device.writes] == ["c-new-leader", "c-operator"]
+
+
+def test_the_fence_round_trips_and_a_bad_one_is_a_decode_error() -> None:
+    sent = fenced("c-f", 3)
+    assert decode_command(encode_command(sent)).fence == 3
+    body = b'{"point": "a.b", "value": 1, "priority": 10, "source": "s", "correlation_id": "c", "fence": "3"}'
+    with pytest.raises(DecodeError, match="fence: expected a positive integer"):
+        decode_command({b"v": b"1", b"c": body})
