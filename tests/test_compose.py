@@ -1,8 +1,8 @@
-"""Structure of the single-node deployment: docker-compose.yml, the Dockerfile, deploy/mosquitto.conf.
+"""Structure of the deployment: docker-compose.yml, the Dockerfile, deploy/mosquitto.conf.
 
 Docker cannot run on the development and CI machines (there is no engine, only the client), so these
 tests cannot start the stack. They parse the files and check what would otherwise fail only at
-deployment time: the five services, a healthcheck on each, start order on healthy dependencies, Redis
+deployment time: the five services and the scaled profile's role services, a healthcheck on each, start order on healthy dependencies, Redis
 persistence, named volumes, service URLs wired to the compose host names, and a non-root image with
 the ``scada`` entrypoint.
 """
@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = {"timescaledb", "redis", "mosquitto", "server", "simulators"}
+SINGLE = {"timescaledb", "redis", "mosquitto", "server", "simulators"}
+SCALED = {"gateway-0", "gateway-1", "historian", "analytics", "control"}
+SERVICES = SINGLE | SCALED
 BACKENDS = {"timescaledb", "redis", "mosquitto"}
 
 
@@ -93,8 +95,32 @@ def test_compose_spec_without_version_key(compose: dict[str, Any]) -> None:
     }
 
 
-def test_the_five_services(services: dict[str, dict[str, Any]]) -> None:
+def test_the_five_services_and_the_scaled_profile(services: dict[str, dict[str, Any]]) -> None:
     assert set(services) == SERVICES
+    assert {name for name, s in services.items() if "profiles" not in s} == SINGLE
+    assert all(services[name]["profiles"] == ["scaled"] for name in SCALED)
+
+
+def test_scaled_profile_covers_every_role_once_and_shards_the_gateways(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    roles = {name: _command(services[name])[-1] for name in SCALED}
+    assert set(roles.values()) == {"gateway", "historian", "analytics", "control"}
+    assert all(_command(services[name])[-2] == "--role" for name in SCALED)
+    shards = sorted(
+        _env(services[n])["SCADA_GATEWAY_SHARD"] for n, role in roles.items() if role == "gateway"
+    )
+    assert shards == ["0/2", "1/2"]  # every device has exactly one gateway
+    assert services["historian"]["deploy"]["replicas"] >= 2  # replicas share the consumer group
+    assert services["control"]["deploy"]["replicas"] >= 2  # a standby for the lease
+    # Every role process reaches the same services with the same signing key as the API.
+    server_env = _env(services["server"])
+    for name in SCALED:
+        env = _env(services[name])
+        for key in ("SCADA_DB_URL", "SCADA_REDIS_URL", "SCADA_MQTT_URL", "SCADA_SECRET_KEY"):
+            assert env[key] == server_env[key], f"{name}: {key}"
+        assert set(services[name]["depends_on"]) == BACKENDS
+        assert services[name]["image"] == services["server"]["image"]
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -194,7 +220,7 @@ def test_server_env_points_at_the_compose_host_names(services: dict[str, dict[st
 def test_server_and_simulators_commands(services: dict[str, dict[str, Any]]) -> None:
     # The image's entrypoint is `scada`: the compose command holds its arguments.
     site = "${SCADA_SITE_FILE:-/app/examples/plant.compose.yaml}"
-    assert _command(services["server"]) == ["run", "-c", site]
+    assert _command(services["server"]) == ["run", "-c", site, "--role", "${SCADA_SERVER_ROLE:-all}"]
     assert _command(services["simulators"]) == ["simulate", "-c", site]
     assert any(port.endswith(":8080") for port in services["server"]["ports"])
     assert "ports" not in services["timescaledb"]  # backends stay inside the compose network
