@@ -140,6 +140,9 @@ class ConditionKind(enum.StrEnum):
     """The device session reports the device offline (a flag)."""
     QUOTA = "quota"
     """Share of a carbon quota, percent, at or above the setpoint (or a flag from the quota alerts)."""
+    DISPATCH_FAILED = "dispatch_failed"
+    """The last dispatch to a point failed (no acknowledgement after retries, refused, read-back
+    mismatch, revert failed): a flag, cleared by the next verified write or revert."""
 
     @property
     def is_low(self) -> bool:
@@ -149,7 +152,7 @@ class ConditionKind(enum.StrEnum):
     @property
     def flag_only(self) -> bool:
         """Return True when only a boolean condition flag can drive the alarm."""
-        return self is ConditionKind.DEVICE_OFFLINE
+        return self in (ConditionKind.DEVICE_OFFLINE, ConditionKind.DISPATCH_FAILED)
 
 
 class DeadbandUnit(enum.StrEnum):

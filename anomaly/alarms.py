@@ -330,6 +330,10 @@ class AlarmEngine:
         except KeyError:
             raise NotFound(f"alarm {alarm_id!r} is not defined") from None
 
+    def has(self, alarm_id: str) -> bool:
+        """Return True if ``alarm_id`` is defined."""
+        return alarm_id in self._alarms
+
     @property
     def definitions(self) -> tuple[AlarmDefinition, ...]:
         """Return the configured alarms in definition order."""

@@ -39,6 +39,8 @@ __all__ = ["AlarmStore", "AnomalyService", "MonitoredPoint"]
 
 _LOGGER = logging.getLogger(__name__)
 
+DISPATCH_ALARM_SUFFIX: Final = ":dispatch"
+"""Suffix of a point's ``dispatch_failed`` alarm id (``<point>:dispatch``)."""
 SNAPSHOT_PERIOD_S: Final = 60.0
 TICK_PERIOD_S: Final = 1.0
 
@@ -293,6 +295,27 @@ class AnomalyService:
         async with self._lock:
             events = self.engine.set_device_online(device, online, at=at, reason=reason)
             await self._emit([(e, {}) for e in events])
+
+    async def dispatch_outcome(self, body: Mapping[str, Any]) -> None:
+        """Raise a point's ``dispatch_failed`` alarm when a dispatch to it failed; clear it on success.
+
+        ``body`` is a ``dispatch`` event of the events stream (``point``, ``state``, ``ts``); points
+        without such an alarm (not written by the control section) are ignored.
+        """
+        point, state = body.get("point"), body.get("state")
+        alarm_id = f"{point}{DISPATCH_ALARM_SUFFIX}"
+        failed = {"failed": True, "revert_failed": True, "verified": False, "reverted": False}.get(str(state))
+        if failed is None or not self.engine.has(alarm_id):
+            return
+        try:
+            at = datetime.fromisoformat(str(body.get("ts")))
+        except ValueError:
+            at = self._clock.now()
+        async with self._lock:
+            events = self.engine.evaluate(alarm_id, failed, at)
+            await self._emit(
+                [(e, {"dispatch": body.get("id"), "reason": body.get("reason", "")}) for e in events]
+            )
 
     def now(self) -> datetime:
         """Return the service clock's time (operator actions are stamped with it)."""

@@ -52,6 +52,7 @@ __all__ = [
     "DispatchState",
     "DispatchStore",
     "Dispatcher",
+    "OutcomeHook",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ CommandSender = Callable[[Command, float], Awaitable[CommandResult | None]]
 """``send(command, wait_s)``: put a command on the channel and return the gateway's result, or None."""
 Auditor = Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]]
 """``audit(actor, action, target, detail)``."""
+OutcomeHook = Callable[["Dispatch"], Awaitable[None]]
+"""Told every dispatch that ended sending or reverting (verified, failed, reverted, revert failed)."""
 LatestValue = Callable[[PointId], Awaitable[float | None]]
 """The point's current value (to revert to), or None if unknown."""
 
@@ -289,6 +292,7 @@ class Dispatcher:
         retry_pause_s: float = 2.0,
         send_wait_s: float = SEND_WAIT_S,
         active: bool = True,
+        outcome: OutcomeHook | None = None,
     ) -> None:
         """Set up; ``active`` is False where the control lease is not held.
 
@@ -307,6 +311,7 @@ class Dispatcher:
         self._retry_pause_s = retry_pause_s
         self._send_wait_s = send_wait_s
         self._active = active
+        self._outcome_hook = outcome
         self._heartbeat = 0
 
     @property
@@ -404,6 +409,7 @@ class Dispatcher:
         )
         final = done or sending
         await self._note("dispatcher", f"dispatch.{final.state.value}", final, body)
+        await self._tell(final)
         return final
 
     async def _send_with_retries(
@@ -449,6 +455,7 @@ class Dispatcher:
                 )
                 if expired is not None:
                     await self._note("dispatcher", "dispatch.failed", expired, {"reason": "expired"})
+                    await self._tell(expired)
                     out.append(expired)
                 continue
             out.append(await self._execute(dispatch))
@@ -483,6 +490,7 @@ class Dispatcher:
                 )
             final = done or reverting
             await self._note("dispatcher", f"dispatch.{final.state.value}", final, {})
+            await self._tell(final)
             out.append(final)
         return out
 
@@ -546,6 +554,16 @@ class Dispatcher:
                 _LOGGER.warning("dispatcher: turn failed (will retry): %s", err)
             await self._clock.sleep(period_s)
             since_beat += period_s
+
+    async def _tell(self, dispatch: Dispatch) -> None:
+        """Pass an outcome on (events stream, alarms); a failure to tell does not undo the dispatch."""
+        if self._outcome_hook is None:
+            return
+        try:
+            await self._outcome_hook(dispatch)
+        except (OSError, TimeoutError) as err:
+            raise_if_cancelling()
+            _LOGGER.warning("dispatch %d: outcome not published: %s", dispatch.id, err)
 
     async def _note(self, actor: str, action: str, dispatch: Dispatch, detail: Mapping[str, Any]) -> None:
         if self._audit is None:

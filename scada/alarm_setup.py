@@ -1,7 +1,8 @@
 """Alarm definitions and detector monitors from the site file (docs/alarms.md, docs/anomaly-detection.md).
 
 Every device gets a ``device_offline`` alarm; every point's ``alarms:`` become limit alarms; every
-point's ``anomaly:`` becomes a detector monitor and the ``deviation`` alarm it drives. Alarms
+point's ``anomaly:`` becomes a detector monitor and the ``deviation`` alarm it drives; every point
+the control section writes gets a ``dispatch_failed`` alarm, raised when a dispatch to it fails. Alarms
 annunciate on their enterprise's console (the operators of one plant), or on their node's when the
 device hangs above enterprise level.
 """
@@ -14,16 +15,24 @@ from typing import Any
 
 from anomaly.alarm_model import AlarmDefinition, AlarmPriority, ConditionKind, DeadbandUnit
 from anomaly.detectors import DetectorSpec, PointMonitor
-from anomaly.service import MonitoredPoint
+from anomaly.service import DISPATCH_ALARM_SUFFIX, MonitoredPoint
 from control_engine.factors import FactorLibrary
 from scada.catalog import node_tree
 from scada.config import DeviceConfig, SiteConfig
 from scada.model import Carrier, NodeId, NodeLevel, PointKind, Unit, make_point_id
 
-__all__ = ["ANOMALY_SUFFIX", "OFFLINE_SUFFIX", "alarm_definitions", "consoles_by_node", "monitored_points"]
+__all__ = [
+    "ANOMALY_SUFFIX",
+    "DISPATCH_SUFFIX",
+    "OFFLINE_SUFFIX",
+    "alarm_definitions",
+    "consoles_by_node",
+    "monitored_points",
+]
 
 OFFLINE_SUFFIX = ":offline"
 ANOMALY_SUFFIX = ":anomaly"
+DISPATCH_SUFFIX = DISPATCH_ALARM_SUFFIX
 
 
 def consoles_by_node(site: SiteConfig) -> dict[NodeId, str]:
@@ -41,6 +50,9 @@ def consoles_by_node(site: SiteConfig) -> dict[NodeId, str]:
 def alarm_definitions(site: SiteConfig) -> list[AlarmDefinition]:
     """Return every alarm the site file implies."""
     consoles = consoles_by_node(site)
+    dispatched = (
+        {t for rule in site.control.rules for t in rule.targets} if site.control is not None else set()
+    )
     out: list[AlarmDefinition] = []
     for device in site.devices:
         console = consoles[NodeId(device.node)]
@@ -77,6 +89,18 @@ def alarm_definitions(site: SiteConfig) -> list[AlarmDefinition]:
                         off_delay_s=alarm.off_delay_s,
                         message=alarm.message
                         or f"{label}: {{kind}} {{value:.4g}} {point.unit.value} (limit {{setpoint:g}})",
+                    )
+                )
+            if point_id in dispatched:
+                out.append(
+                    AlarmDefinition(
+                        id=f"{point_id}{DISPATCH_SUFFIX}",
+                        node=device.node,
+                        device=device.id,  # no point: dispatch outcomes drive it, not the value
+                        console=console,
+                        kind=ConditionKind.DISPATCH_FAILED,
+                        priority=AlarmPriority.HIGH,
+                        message=f"{label}: 调度失败 dispatch failed",
                     )
                 )
             if point.anomaly is not None:

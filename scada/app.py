@@ -37,7 +37,7 @@ from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
 from control_engine.controller import ControlService, dispatch_modes
-from control_engine.dispatcher import CommandSender, Dispatcher, DispatchStore
+from control_engine.dispatcher import CommandSender, Dispatch, Dispatcher, DispatchStore
 from control_engine.forecast import MonthForecaster, month_key
 from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
@@ -92,7 +92,7 @@ from streams.bus import RedisReadingSink, run_consumer, stream_key
 from streams.codec import decode_reading_rows, encode_json_event
 from streams.commands import run_command_executor, send_and_wait
 from streams.historian import HistorianStage
-from streams.live import LiveHub, follow_availability, run_live_feed
+from streams.live import LiveHub, follow_availability, follow_json_events, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
 from streams.store import PostgresReadingStore
 
@@ -105,6 +105,8 @@ LEDGER_GROUP = "ledger"
 ANOMALY_GROUP = "anomaly"
 ALARMS_MAXLEN = 100_000
 EVENTS_MAXLEN = 100_000
+DISPATCH_EVENT = b"dispatch"
+"""Type of the events-stream entry a dispatch outcome becomes (read by the alarms and the live feed)."""
 HISTORIAN_BATCH_ENTRIES = 200
 """Entries (of up to 500 readings) per historian read: one transaction of up to 100,000 rows, so the
 rollup merges (one row per point and bucket) are shared by many readings; see docs/storage.md."""
@@ -591,6 +593,16 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
         ),
         name="alarm-availability",
     )
+    plant.supervisor.spawn(
+        follow_json_events(
+            redis,
+            stream_key(prefix, StreamName.EVENTS),
+            DISPATCH_EVENT,
+            service.dispatch_outcome,
+            timeout_s=timeout_s,
+        ),
+        name="alarm-dispatches",
+    )
 
 
 async def _start_analytics_and_control(
@@ -637,6 +649,24 @@ def _new_dispatcher(app: web.Application, *, fence: int | None) -> Dispatcher:
     async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
         await audit.append(actor=actor, action=action, target=target, detail=detail)
 
+    events_key = stream_key(settings.stream_prefix, StreamName.EVENTS)
+    redis = app[_REDIS]
+
+    async def outcome(dispatch: Dispatch) -> None:
+        body = {
+            "id": dispatch.id,
+            "node": dispatch.node,
+            "point": dispatch.point,
+            "value": dispatch.value,
+            "state": dispatch.state.value,
+            "rule": dispatch.rule_id,
+            "reason": str((dispatch.result or {}).get("reason", "")),
+            "ts": clock.now().isoformat(),
+        }
+        fields: Any = encode_json_event(DISPATCH_EVENT, body)
+        async with asyncio.timeout(settings.service_timeout_s):
+            await redis.xadd(events_key, fields, maxlen=EVENTS_MAXLEN, approximate=True)
+
     control = app[CATALOG].site.control
     return Dispatcher(
         app[DISPATCH_STORE],
@@ -647,6 +677,7 @@ def _new_dispatcher(app: web.Application, *, fence: int | None) -> Dispatcher:
         audit=note,
         send_wait_s=settings.service_timeout_s * 2,
         active=fence is not None,
+        outcome=outcome,
     )
 
 

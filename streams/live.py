@@ -79,6 +79,7 @@ __all__ = [
     "Topic",
     "availability_json",
     "follow_availability",
+    "follow_json_events",
     "reading_text",
     "run_live_feed",
 ]
@@ -522,29 +523,68 @@ async def follow_availability(
     Starts at the stream's current end (state carried over a restart lives in the handler's own
     saved state); ``stale`` counts as not online. Other event types on the stream are skipped.
     """
+
+    async def on_entry(fields: Any) -> None:
+        try:
+            event = decode_event(fields)
+        except DecodeError:
+            return  # ledger updates, quota alerts...: not availability
+        await handler(event.device, event.availability is Availability.ONLINE, event.ts, event.reason)
+
+    await _follow(redis, events_key, on_entry, block_ms=block_ms, timeout_s=timeout_s)
+
+
+async def follow_json_events(
+    redis: aioredis.Redis,
+    events_key: str,
+    kind: bytes,
+    handler: Callable[[dict[str, Any]], Awaitable[None]],
+    *,
+    block_ms: int = 1_000,
+    timeout_s: float = 5.0,
+) -> None:
+    """Call ``handler`` with the body of every JSON event of type ``kind`` until cancelled.
+
+    Like :func:`follow_availability`, it starts at the stream's current end; other types are skipped.
+    """
+
+    async def on_entry(fields: Any) -> None:
+        try:
+            body = decode_json_event(fields, kind)
+        except DecodeError:
+            return
+        await handler(body)
+
+    await _follow(redis, events_key, on_entry, block_ms=block_ms, timeout_s=timeout_s)
+
+
+async def _follow(
+    redis: aioredis.Redis,
+    key: str,
+    on_entry: Callable[[Any], Awaitable[None]],
+    *,
+    block_ms: int,
+    timeout_s: float,
+) -> None:
+    """Read a stream from its current end, entry by entry, riding out Redis outages with backoff."""
     last_id: str | None = None
     backoff = Backoff(initial_s=0.2, max_s=10.0)
     while True:
         raise_if_cancelling()
         try:
             if last_id is None:
-                last_id = await _last_id(redis, events_key, timeout_s)
+                last_id = await _last_id(redis, key, timeout_s)
             async with asyncio.timeout(block_ms / 1000 + timeout_s):
-                reply = cast(_XReadReply, await redis.xread({events_key: last_id}, count=500, block=block_ms))
+                reply = cast(_XReadReply, await redis.xread({key: last_id}, count=500, block=block_ms))
         except (RedisError, OSError, TimeoutError) as err:
-            _LOGGER.debug("availability follower: Redis unavailable: %s", err)
+            _LOGGER.debug("event follower: Redis unavailable: %s", err)
             await asyncio.sleep(backoff.next_delay())
             continue
         backoff.reset()
         for _key, entries in reply or []:
             for entry_id, fields in entries:
                 last_id = as_text(entry_id)
-                try:
-                    event = decode_event(fields)
-                except DecodeError:
-                    continue  # ledger updates, quota alerts...: not availability
-                online = event.availability is Availability.ONLINE
-                await handler(event.device, online, event.ts, event.reason)
+                await on_entry(fields)
 
 
 async def _last_id(redis: aioredis.Redis, key: str, timeout_s: float) -> str:

@@ -51,6 +51,13 @@ devices:
     modbus: {{host: 127.0.0.1, port: {gone}, unit_id: 1}}
     points:
       - {{key: power_limit_pct, kind: setpoint, unit: "%", writable: true, modbus: {{address: 100, type: uint16}}}}
+control:
+  default_mode: auto
+  rules:
+    - {{id: curtail-gone, stage: 1, node: g, kind: setpoint, targets: [pv-gone.power_limit_pct],
+       parameters: {{value: 50}}}}
+  interlocks:
+    pv-gone.power_limit_pct: {{min: 0, max: 100}}
 """
 LIMIT = PointId("pv-1.power_limit_pct")
 
@@ -163,8 +170,8 @@ async def test_a_hold_is_reverted_to_the_value_before(server: Any) -> None:
     await eventually(reverted)  # the dispatcher's own loop reverts it at hold_until
 
 
-async def test_an_unreachable_device_fails_after_retries(server: Any) -> None:
-    _client, _plant, dispatcher = server
+async def test_an_unreachable_device_fails_after_retries_and_raises_its_dispatch_alarm(server: Any) -> None:
+    client, _plant, dispatcher = server
     failed = await dispatcher.submit(
         DispatchRequest(node=NodeId("g"), point=PointId("pv-gone.power_limit_pct"), value=10, reason="r")
     )
@@ -172,6 +179,13 @@ async def test_an_unreachable_device_fails_after_retries(server: Any) -> None:
     assert failed.result is not None
     assert failed.result["attempts"] == 3
     assert failed.result["status"] in ("failed", "timeout", "no result")
+
+    async def alarm_raised() -> bool:
+        body = await (await client.get("/api/v1/alarms")).json()
+        return any(a["alarm"] == "pv-gone.power_limit_pct:dispatch" for a in body["alarms"])
+
+    # The leader publishes the outcome on the events stream; the analytics role raises the alarm.
+    await eventually(alarm_raised)
 
 
 CONTROL = {
