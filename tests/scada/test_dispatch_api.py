@@ -261,3 +261,96 @@ async def test_health_says_this_process_leads_with_its_fence(server: Any) -> Non
     health = await (await client.get("/api/v1/health")).json()
     assert health["control"]["leader"] is True
     assert health["control"]["fence"] >= 1
+
+
+async def _leader(client: TestClient[web.Request, web.Application]) -> Dispatcher:
+    running = client.server.app[PLANT]  # type: ignore[union-attr]
+
+    async def leading() -> Dispatcher | None:
+        return running.leader_dispatcher
+
+    found: Dispatcher = await eventually(leading)
+    return found
+
+
+async def test_a_hold_survives_a_server_restart_and_the_new_leader_reverts_it(
+    unused_tcp_port_factory: Callable[[], int],
+    pg_url: str,
+    redis_url: str,
+    mqtt_url: str,
+    stream_prefix: str,
+    aiohttp_client: Callable[[web.Application], Any],
+) -> None:
+    """The hold is in PostgreSQL, not in the process: whoever leads next reverts it on time."""
+    site = parse_site(SITE.format(port=unused_tcp_port_factory(), gone=unused_tcp_port_factory()))
+    settings = Settings(stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY)
+    endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
+    roles = frozenset({Role.API, Role.GATEWAY, Role.ANALYTICS, Role.CONTROL})
+    async with simulated_plant(site, without={"pv-gone"}) as plant:
+        first = await aiohttp_client(create_app(site, settings, endpoints, roles=roles))
+        dispatcher = await _leader(first)
+        await eventually(lambda: dispatcher._latest(LIMIT))
+        before = plant.device("pv-1").value("power_limit_pct")
+        held = await dispatcher.submit(
+            DispatchRequest(
+                node=NodeId("g"),
+                point=LIMIT,
+                value=45,
+                reason="hold across a restart",
+                hold_until=dispatcher._clock.now() + timedelta(seconds=4),
+            )
+        )
+        assert held.state is DispatchState.VERIFIED
+        await first.close()  # the server stops during the hold
+        assert plant.device("pv-1").value("power_limit_pct") == 45  # nothing reverted it on the way out
+
+        second = await aiohttp_client(create_app(site, settings, endpoints, roles=roles))
+        successor = await _leader(second)
+
+        async def reverted() -> bool:
+            return plant.device("pv-1").value("power_limit_pct") == before
+
+        await eventually(reverted, timeout_s=15)
+        stored = await successor.store.get(held.id)
+        assert stored is not None
+        assert stored.state is DispatchState.REVERTED
+
+
+async def test_a_device_lost_mid_hold_ends_revert_failed_after_retries(server: Any) -> None:
+    _client, plant, dispatcher = server
+    await eventually(lambda: dispatcher._latest(LIMIT))
+    held = await dispatcher.submit(
+        DispatchRequest(
+            node=NodeId("g"),
+            point=LIMIT,
+            value=55,
+            reason="hold, then the inverter drops off the network",
+            hold_until=dispatcher._clock.now() + timedelta(seconds=2),
+        )
+    )
+    assert held.state is DispatchState.VERIFIED
+    await plant.stop()  # the device goes offline while the hold runs
+
+    async def revert_failed() -> bool:
+        stored = await dispatcher.store.get(held.id)
+        return stored is not None and stored.state is DispatchState.REVERT_FAILED
+
+    await eventually(revert_failed, timeout_s=60)
+    stored = await dispatcher.store.get(held.id)
+    assert stored.result["revert"]["attempts"] == 3
+
+
+async def test_a_read_back_mismatch_is_retried_then_failed_with_what_the_device_holds(server: Any) -> None:
+    """The inverter clamps 150 % to 100 %: acknowledged, but not what was asked, so not verified."""
+    _client, plant, dispatcher = server
+    mismatch = await dispatcher.submit(
+        DispatchRequest(node=NodeId("g"), point=LIMIT, value=150, reason="over the device's own range")
+    )
+    assert mismatch.state is DispatchState.FAILED
+    assert mismatch.result is not None
+    assert (mismatch.result["status"], mismatch.result["readback"], mismatch.result["attempts"]) == (
+        "mismatch",
+        100,
+        3,
+    )
+    assert plant.device("pv-1").value("power_limit_pct") == 100
