@@ -502,6 +502,8 @@ def _publish_event(hub: LiveHub, fields: Mapping[bytes, bytes]) -> None:
         hub.publish_ledger(decode_json_event(fields, b"ledger"))
     elif kind == b"quota_alert":
         hub.publish_quota_alert(decode_json_event(fields, b"quota_alert"))
+    elif kind == b"dispatch":  # a dispatch's outcome (verified, failed, reverted...): the dispatches topic
+        hub.publish_dispatch({"kind": "dispatch", **decode_json_event(fields, b"dispatch")})
     else:
         hub.publish_event(decode_event(fields))
 
