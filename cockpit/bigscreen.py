@@ -58,8 +58,9 @@ def banner_order(alarms: Iterable[AlarmView]) -> list[AlarmView]:
 def dispatch_effect(dispatch: DispatchView, lang: Lang) -> str:
     """Return what a wall says a dispatch achieved: a measured cut, else the expectation, marked as such.
 
-    The server does not measure dispatch effects yet, so a row says "expected X kW · effect to be
-    verified" until a measured ``co2e_avoided_kg`` arrives with the dispatch.
+    A dispatch is measured against its baseline after its hold and rebound window have passed
+    (docs/dispatch-verification.md), so a row says "expected X kW · effect to be verified" until the
+    measured ``co2e_avoided_kg`` arrives with the dispatch.
     """
     if dispatch.co2e_avoided_t is not None:
         return t("cut_co2", lang, value=format_number(dispatch.co2e_avoided_t, 2))

@@ -220,7 +220,7 @@ class DispatchView:
     expected_kw: float | None
     """The reduction the rule expects (planning figure, not a measurement)."""
     co2e_avoided_t: float | None = None
-    """The measured effect, when the server reports one (``co2e_avoided_kg``; it does not yet)."""
+    """The measured effect (``co2e_avoided_kg``), once the verification service has measured it."""
 
     @property
     def waiting(self) -> bool:

@@ -43,12 +43,13 @@ from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
 from control_engine.rules import NodeBudget, PointState
+from control_engine.verify_service import ENTRY_KIND, VerificationService, VerificationStore
 from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.auth import AUTH, AuthContext, add_auth_routes, auth_middleware
 from scada.api.carbon import CARBON, CARBON_QUERIES, CARBON_STORE, add_carbon_routes
 from scada.api.commands import COMMANDS, CommandChannel, add_command_routes
-from scada.api.dispatches import DISPATCH_STORE, DISPATCHER, add_dispatch_routes
+from scada.api.dispatches import DISPATCH_STORE, DISPATCHER, VERIFICATION_STORE, add_dispatch_routes
 from scada.api.metrics import METRICS, MetricsSources
 from scada.api.problem import problem_middleware
 from scada.api.routes import (
@@ -105,6 +106,8 @@ LEDGER_GROUP = "ledger"
 ANOMALY_GROUP = "anomaly"
 ALARMS_MAXLEN = 100_000
 EVENTS_MAXLEN = 100_000
+RESULTS_MAXLEN = 100_000
+"""Bound of ``command_results`` (the gateways' executor keeps it at the same length)."""
 DISPATCH_EVENT = b"dispatch"
 """Type of the events-stream entry a dispatch outcome becomes (read by the alarms and the live feed)."""
 HISTORIAN_BATCH_ENTRIES = 200
@@ -217,6 +220,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[CARBON_QUERIES] = CarbonQueries(pool, timeout_s=settings.service_timeout_s)
         app[ALARM_STORE] = AlarmStore(pool, timeout_s=settings.service_timeout_s)
         app[DISPATCH_STORE] = DispatchStore(pool, timeout_s=settings.service_timeout_s)
+        app[VERIFICATION_STORE] = VerificationStore(pool, timeout_s=settings.service_timeout_s)
         yield
     finally:
         await pool.close()
@@ -696,6 +700,7 @@ async def _lead(app: web.Application, fence: int) -> None:
     try:
         dispatcher = app[PLANT].leader_dispatcher = _new_dispatcher(app, fence=fence)
         supervisor.spawn(dispatcher.run(), name="dispatcher")
+        supervisor.spawn(_verifier(app).run(), name="verifier")
         controller = _controller(app, dispatcher)
         if controller is not None:
             supervisor.spawn(controller.run(), name="controller")
@@ -703,6 +708,35 @@ async def _lead(app: web.Application, fence: int) -> None:
     finally:
         app[PLANT].leader_dispatcher = None
         await supervisor.close()
+
+
+def _verifier(app: web.Application) -> VerificationService:
+    """Return the service that measures every dispatch after its hold (docs/dispatch-verification.md)."""
+    settings, clock, redis, audit = app[SETTINGS], app[_CLOCK], app[_REDIS], app[AUTH].audit
+    site, factors = app[CATALOG].site, app[FACTORS]
+    results_key = stream_key(settings.stream_prefix, StreamName.COMMAND_RESULTS)
+    timeout_s = settings.service_timeout_s
+
+    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        await audit.append(actor=actor, action=action, target=target, detail=detail)
+
+    async def publish(body: Mapping[str, Any]) -> None:
+        # Its own entry type on command_results: decode_result refuses it, so result readers skip it.
+        fields: Any = encode_json_event(ENTRY_KIND.encode(), body)
+        async with asyncio.timeout(timeout_s):
+            await redis.xadd(results_key, fields, maxlen=RESULTS_MAXLEN, approximate=True)
+
+    return VerificationService(
+        app[VERIFICATION_STORE],
+        ledger_points(site, factors),
+        factors,
+        region=site.carbon.grid_region,
+        timezone=site.site.timezone,
+        clock=clock,
+        audit=note,
+        publish=publish,
+        publish_timeout_s=timeout_s * 2,
+    )
 
 
 def _controller(app: web.Application, dispatcher: Dispatcher) -> ControlService | None:

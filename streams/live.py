@@ -489,11 +489,18 @@ async def run_live_feed(
                     elif key == alarms_key:
                         hub.publish_alarms([decode_json_event(fields, b"alarm")])
                     elif key == results_key:
-                        hub.publish_dispatch(_dispatch_json(fields))
+                        _publish_result(hub, fields)
                     else:
                         _publish_event(hub, fields)
                 except DecodeError as err:
                     _LOGGER.debug("live feed: skipping undecodable entry %s: %s", entry_id, err)
+
+
+def _publish_result(hub: LiveHub, fields: Mapping[bytes, bytes]) -> None:
+    if fields.get(FIELD_TYPE) == b"verification":  # a dispatch's measured effect (verify_service)
+        hub.publish_dispatch({"kind": "verification", **decode_json_event(fields, b"verification")})
+    else:
+        hub.publish_dispatch(_dispatch_json(fields))
 
 
 def _publish_event(hub: LiveHub, fields: Mapping[bytes, bytes]) -> None:

@@ -196,6 +196,8 @@ POLICIES: dict[tuple[str, str], Policy] = {
     ("GET", "/api/v1/dispatches/{dispatch_id}"): READ,
     ("POST", "/api/v1/dispatches/{dispatch_id}/approve"): Policy(role=Role.OPERATOR, humans_only=True),
     ("POST", "/api/v1/dispatches/{dispatch_id}/reject"): Policy(role=Role.OPERATOR, humans_only=True),
+    ("GET", "/api/v1/dispatches/{dispatch_id}/verification"): READ,
+    ("GET", "/api/v1/verification/monthly"): Policy(node=node_from_query()),
     ("GET", "/api/v1/users"): Policy(role=Role.ADMIN, humans_only=True),
     ("POST", "/api/v1/users"): Policy(role=Role.ADMIN, humans_only=True),
     ("GET", "/api/v1/api-keys"): Policy(role=Role.ADMIN, humans_only=True),

@@ -19,6 +19,7 @@ from typing import Any, Final, get_args
 from aiohttp import web
 
 from control_engine.dispatcher import DispatchState
+from control_engine.verify_service import MeterBasis, VerificationStatus
 from scada import __version__
 from scada.api import dispatches
 from scada.api.auth import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
@@ -596,8 +597,65 @@ def _schemas(limits: dict[str, Any]) -> dict[str, Schema]:
                 "decided_by": {"type": ["string", "null"]},
                 "decision_comment": STRING,
                 "expected_kw": {"type": ["number", "null"]},
+                "verification": _nullable(_ref("Verification")),
+                "co2e_avoided_kg": {
+                    "type": ["number", "null"],
+                    "description": "The measured net effect; null until measured, or when unmeasurable.",
+                },
             },
             required=["id", "created_at", "node", "point", "value", "reason", "mode", "state"],
+        ),
+        "Verification": _obj(
+            {
+                "dispatch_id": INTEGER,
+                "node": ID,
+                "status": {"type": "string", "enum": [s.value for s in VerificationStatus]},
+                "reason": {"type": "string", "description": "Why it is unmeasurable; empty when measured."},
+                "month": MONTH,
+                "event_start": DATE_TIME,
+                "event_end": {"type": ["string", "null"], "format": "date-time"},
+                "post_end": {"type": ["string", "null"], "format": "date-time"},
+                "interval_s": INTEGER,
+                "meters": _array(POINT_ID),
+                "meter_basis": {"type": "string", "enum": [b.value for b in MeterBasis]},
+                "energy_avoided_kwh": {"type": ["number", "null"]},
+                "uncertainty_kwh": {
+                    "type": ["number", "null"],
+                    "description": "± half-width at `confidence`.",
+                },
+                "co2e_avoided_kg": {"type": ["number", "null"]},
+                "co2e_uncertainty_kg": {"type": ["number", "null"]},
+                "confidence": {"type": ["number", "null"]},
+                "baseline_kwh": {"type": ["number", "null"]},
+                "actual_kwh": {"type": ["number", "null"]},
+                "rebound_kwh": {"type": ["number", "null"]},
+                "rebound_co2e_kg": {"type": ["number", "null"]},
+                "flags": _array(STRING),
+                "baseline_method": STRING,
+                "days_used": INTEGER,
+                "factor_ids": _array(STRING),
+                "verified_at": DATE_TIME,
+                "detail": {
+                    "type": "object",
+                    "description": "Per interval baseline, actual and intensity; similar days (one only).",
+                },
+            },
+            required=["dispatch_id", "node", "status", "reason", "month", "event_start", "meters", "flags"],
+        ),
+        "MonthlyVerification": _obj(
+            {
+                "node": {"type": ["string", "null"]},
+                "month": MONTH,
+                "dispatches": INTEGER,
+                "measured": INTEGER,
+                "unmeasurable": INTEGER,
+                "energy_avoided_kwh": NUMBER,
+                "uncertainty_kwh": {"type": "number", "description": "Half-widths added in quadrature."},
+                "co2e_avoided_t": NUMBER,
+                "co2e_uncertainty_t": NUMBER,
+                "confidence": {"type": ["number", "null"]},
+                "flag_counts": {"type": "object", "additionalProperties": INTEGER},
+            },
         ),
         "CommandInput": _obj(
             {
@@ -1237,6 +1295,32 @@ def _dispatch_paths() -> dict[str, Schema]:
                     "Approve a waiting dispatch: it is sent and verified by read-back",
                 ),
                 ("reject", "rejectDispatch", "Reject a waiting dispatch"),
+            )
+        },
+        "/api/v1/dispatches/{dispatch_id}/verification": {
+            "get": _operation(
+                "getDispatchVerification",
+                "control",
+                "What a dispatch measurably saved, with its per-interval baseline",
+                {"200": _json("The measured effect, or why it is unmeasurable.", _ref("Verification"))},
+                problems=(404, 503),
+                parameters=[dispatch_id],
+                description="404 until the dispatch is measured (after its hold and rebound window).",
+            )
+        },
+        "/api/v1/verification/monthly": {
+            "get": _operation(
+                "getMonthlyVerification",
+                "control",
+                "A month's measured dispatch effects under a node, added up",
+                {"200": _json("kWh and tCO2e avoided ± combined uncertainty.", _ref("MonthlyVerification"))},
+                problems=(400, 404, 503),
+                parameters=[
+                    _query(
+                        "node", ID, "Hierarchy node (default: every node the caller sees); 404 if unknown."
+                    ),
+                    _query("month", MONTH, "Month of the site's time zone, `YYYY-MM`.", required=True),
+                ],
             )
         },
     }
