@@ -44,6 +44,7 @@ from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
 from control_engine.rules import NodeBudget, PointState
 from control_engine.verify_service import ENTRY_KIND, VerificationService, VerificationStore
+from protocols.openadr.store import PostgresVtnStateStore
 from scada.alarm_setup import alarm_definitions, monitored_points
 from scada.api.alarms import ALARM_STORE, ANOMALY, add_alarm_routes
 from scada.api.auth import AUTH, AuthContext, add_auth_routes, auth_middleware
@@ -361,6 +362,7 @@ async def _plant(app: web.Application) -> AsyncIterator[None]:
                 client_id=f"carbonos-{consumer_name}",
                 service_timeout_s=settings.service_timeout_s,
                 mqtt_security=settings.mqtt_security,
+                openadr_store=PostgresVtnStateStore(app[_POOL], timeout_s=settings.service_timeout_s),
             )
             await plant.gateway.start(plant.supervisor)
             gateway = plant.gateway

@@ -30,6 +30,7 @@ from control_engine.notify import NotifyConfig
 from protocols.modbus.config import ModbusDeviceConfig, ModbusPointConfig
 from protocols.mqtt.config import MqttDeviceConfig, MqttPointConfig
 from protocols.opcua.config import OpcUaDeviceConfig, OpcUaPointConfig
+from protocols.openadr.config import OpenAdrDeviceConfig, OpenAdrPointConfig
 from scada.model import (
     ID_PATTERN,
     Carrier,
@@ -107,11 +108,16 @@ class Protocol(enum.StrEnum):
     MODBUS_TCP = "modbus_tcp"
     OPCUA = "opcua"
     MQTT = "mqtt"
+    OPENADR = "openadr"
+    """An external EMS that speaks OpenADR 2.0b as a VEN; the gateway serves it a VTN."""
 
     @property
     def section(self) -> str:
         """Return the name of the device and point section this protocol needs."""
-        return {"modbus_tcp": "modbus", "opcua": "opcua", "mqtt": "mqtt"}[self.value]
+        return {"modbus_tcp": "modbus", "opcua": "opcua", "mqtt": "mqtt", "openadr": "openadr"}[self.value]
+
+
+_SECTIONS = ("modbus", "opcua", "mqtt", "openadr")
 
 
 class _Frozen(BaseModel):
@@ -208,6 +214,8 @@ class PointConfig(_Frozen):
     opcua: OpcUaPointConfig | None = None
     mqtt: MqttPointConfig | None = None
     """Payload field of an MQTT point; the point key when absent."""
+    openadr: OpenAdrPointConfig | None = None
+    """What a point of an OpenADR device maps to: an event signal, a status, or a reported value."""
     retention: Id = DEFAULT_RETENTION
     """Name of a class in the site's ``retention`` section."""
     stuck_after_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
@@ -403,6 +411,7 @@ class DeviceConfig(_Frozen):
     modbus: ModbusDeviceConfig | None = None
     opcua: OpcUaDeviceConfig | None = None
     mqtt: MqttDeviceConfig | None = None
+    openadr: OpenAdrDeviceConfig | None = None
     template: Id | None = None
     points: tuple[PointConfig, ...] = ()
     ledger: LedgerRole | None = None
@@ -424,7 +433,9 @@ class DeviceConfig(_Frozen):
             raise ValueError("protocol modbus_tcp needs a 'modbus' section (host, port, unit_id)")
         if self.protocol is Protocol.OPCUA and self.opcua is None:
             raise ValueError("protocol opcua needs an 'opcua' section (endpoint, security)")
-        for section in ("modbus", "opcua", "mqtt"):
+        if self.protocol is Protocol.OPENADR and self.openadr is None:
+            raise ValueError("protocol openadr needs an 'openadr' section (ven_name, ven_id, listen_port)")
+        for section in _SECTIONS:
             if section != self.protocol.section and getattr(self, section) is not None:
                 raise ValueError(f"a {self.protocol.value} device cannot have a {section!r} section")
         return self
@@ -599,8 +610,40 @@ def _expand_and_check(site: SiteConfig) -> SiteConfig:
             raise _FieldError(f"{where}.node", f"unknown node {device.node!r}")
         devices.append(_expand_device(site, device, where))
         _check_retention_names(devices[-1], where, retention)
+    _check_openadr_endpoints(devices)
     _check_tenants(site, nodes)
     return site.model_copy(update={"devices": tuple(devices), "retention": retention})
+
+
+def _check_openadr_point(device: DeviceConfig, point: PointConfig, where: str) -> None:
+    if device.protocol is Protocol.OPENADR and point.openadr is None:
+        raise _FieldError(
+            where, "a point of an openadr device needs an 'openadr' section (signal, status or resource_id)"
+        )
+    if point.writable and point.openadr is not None and point.openadr.signal is None:
+        raise _FieldError(f"{where}.writable", "only a point with an OpenADR 'signal' can be written")
+
+
+def _check_openadr_endpoints(devices: list[DeviceConfig]) -> None:
+    # Each OpenADR device is its own VTN: one listening socket and one venID per device.
+    ports: dict[tuple[str, int], str] = {}
+    ven_ids: dict[str, str] = {}
+    for index, device in enumerate(devices):
+        if device.openadr is None:
+            continue
+        where = f"devices[{index}] ({device.id}).openadr"
+        endpoint = (device.openadr.listen_host, device.openadr.listen_port)
+        if endpoint[1] and endpoint in ports:
+            raise _FieldError(
+                f"{where}.listen_port", f"port {endpoint[1]} is used by device {ports[endpoint]!r}"
+            )
+        ports[endpoint] = device.id
+        if device.openadr.ven_id in ven_ids:
+            other = ven_ids[device.openadr.ven_id]
+            raise _FieldError(
+                f"{where}.ven_id", f"ven_id {device.openadr.ven_id!r} is used by device {other!r}"
+            )
+        ven_ids[device.openadr.ven_id] = device.id
 
 
 def _check_tenants(site: SiteConfig, nodes: Mapping[str, Any]) -> None:
@@ -670,7 +713,8 @@ def _expand_device(site: SiteConfig, device: DeviceConfig, where: str) -> Device
                 f"{where}.points[{p_index}] ({point.key})",
                 "a point of an opcua device needs an 'opcua' section with its node_id",
             )
-        for section in ("modbus", "opcua", "mqtt"):
+        _check_openadr_point(device, point, f"{where}.points[{p_index}] ({point.key})")
+        for section in _SECTIONS:
             if section != device.protocol.section and getattr(point, section) is not None:
                 raise _FieldError(
                     f"{where}.points[{p_index}] ({point.key}).{section}",

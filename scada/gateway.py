@@ -22,6 +22,8 @@ from protocols.mqtt.connection import MqttConnection
 from protocols.mqtt.driver import MqttDriver, MqttPointSpec
 from protocols.mqtt.security import MqttSecurityConfig
 from protocols.opcua.driver import OpcUaDriver, OpcUaPointSpec
+from protocols.openadr.driver import OpenAdrDriver, OpenAdrPointSpec
+from protocols.openadr.store import VtnStateStore
 from scada.config import DeviceConfig, PointConfig, Protocol, SiteConfig
 from scada.model import (
     Clock,
@@ -54,11 +56,12 @@ def build_driver(
     *,
     mqtt: MqttConnection | None = None,
     dead_letters: DeadLetterSink | None = None,
+    openadr_store: VtnStateStore | None = None,
 ) -> Driver:
     """Build the protocol driver a device's configuration asks for.
 
     MQTT devices need the shared ``mqtt`` connection and a ``dead_letters`` sink for payloads that
-    cannot be used.
+    cannot be used; OpenADR devices need ``dead_letters`` and the ``openadr_store`` of VTN state.
     """
     if device.protocol is Protocol.MODBUS_TCP:
         assert device.modbus is not None  # guaranteed by the config validator
@@ -88,6 +91,30 @@ def build_driver(
             if p.opcua is not None
         ]
         return OpcUaDriver(device.id, device.opcua, opcua_specs, clock=clock)
+    if device.protocol is Protocol.OPENADR:
+        assert device.openadr is not None
+        if openadr_store is None or dead_letters is None:
+            raise ValueError(f"{device.id}: an OpenADR device needs the VTN state store and dead-letter sink")
+        openadr_specs = [
+            OpenAdrPointSpec(
+                point=device.point_id(p.key),
+                config=p.openadr,
+                unit=p.unit.value,
+                scale=p.scale,
+                offset=p.offset,
+                writable=p.writable,
+            )
+            for p in device.points
+            if p.openadr is not None
+        ]
+        return OpenAdrDriver(
+            device.id,
+            device.openadr,
+            openadr_specs,
+            store=openadr_store,
+            clock=clock,
+            dead_letters=dead_letters,
+        )
     assert device.protocol is Protocol.MQTT
     assert device.mqtt is not None
     if mqtt is None or dead_letters is None:
@@ -121,8 +148,10 @@ class Gateway:
         client_id: str = "carbonos-gateway",
         service_timeout_s: float = 5.0,
         mqtt_security: MqttSecurityConfig | None = None,
+        openadr_store: VtnStateStore | None = None,
     ) -> None:
         self._site = site
+        self._openadr_store = openadr_store
         self._mqtt_security = mqtt_security
         self._sink = sink
         self._clock = clock
@@ -207,7 +236,9 @@ class Gateway:
         points = {device.point_id(p.key): p for p in device.points}
         self._points.update(points)
         mqtt = self._mqtt.get(device.mqtt.version) if device.mqtt is not None else None
-        driver = build_driver(device, self._clock, mqtt=mqtt, dead_letters=self._sink)
+        driver = build_driver(
+            device, self._clock, mqtt=mqtt, dead_letters=self._sink, openadr_store=self._openadr_store
+        )
         return DeviceSession(
             driver,
             points=list(points),
@@ -215,7 +246,7 @@ class Gateway:
             events=self._sink,
             period_s=device.poll_period_s,
             clock=self._clock,
-            stale_after_s=device.effective_stale_after_s,
+            stale_after_s=_stale_after_s(device),
             stuck_after_s={pid: p.stuck_after_s for pid, p in points.items() if p.stuck_after_s is not None},
             write_tolerance=self._tolerance,
             write_timeout_s=_write_timeout_s(device),
@@ -231,8 +262,15 @@ class Gateway:
         return counts
 
 
+def _stale_after_s(device: DeviceConfig) -> float:
+    """Return the staleness timeout; an OpenADR VEN is heard once per poll, so allow three polls."""
+    if device.openadr is not None and device.stale_after_s is None:
+        return max(device.effective_stale_after_s, 3.0 * device.openadr.poll_interval_s)
+    return device.effective_stale_after_s
+
+
 def _write_timeout_s(device: DeviceConfig) -> float:
     """Return how long a write may wait for its acknowledgement: a few of the device's own timeouts."""
-    section = device.modbus or device.opcua or device.mqtt
+    section = device.modbus or device.opcua or device.mqtt or device.openadr
     timeout_s = getattr(section, "timeout_s", 5.0)
     return max(1.0, 3.0 * float(timeout_s))

@@ -560,12 +560,16 @@ class Driver(Protocol):
     async def read(self) -> Sequence[Reading]:
         """Read every configured point once; per-point problems become bad-quality readings."""
 
-    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+    async def write(
+        self, point: PointId, value: float, *, correlation_id: str = "", hold_until: datetime | None = None
+    ) -> None:
         """Write one value and return once the device has acknowledged it.
 
         Raise :class:`DeviceError` if the device refuses (``DeviceProtocolError``) or cannot be
         reached or does not answer in time (``DeviceUnavailable``). ``correlation_id`` travels to
-        devices whose protocol carries one (MQTT); others ignore it.
+        devices whose protocol carries one (MQTT); others ignore it. ``hold_until`` is the end of a
+        dispatch's hold, for protocols that carry an interval (an OpenADR event); others ignore it:
+        the dispatcher writes the previous value back at that time.
         """
 
     async def read_back(self, point: PointId) -> float:

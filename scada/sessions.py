@@ -389,7 +389,9 @@ class DeviceSession:
         self.stats.writes += 1
         try:
             async with asyncio.timeout(self._write_timeout_s):
-                await self._driver.write(point, value, correlation_id=command.correlation_id)
+                await self._driver.write(
+                    point, value, correlation_id=command.correlation_id, hold_until=command.hold_until
+                )
         except RequestRejected as err:
             return result(CommandStatus.FAILED, _describe(err))
         except DeviceProtocolError as err:

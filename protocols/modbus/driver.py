@@ -261,7 +261,9 @@ class ModbusDriver:
             index += 1
         return [results[point] for point in self._specs]
 
-    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+    async def write(
+        self, point: PointId, value: float, *, correlation_id: str = "", hold_until: datetime | None = None
+    ) -> None:
         """Encode ``value`` and write it: FC 5 for a coil, FC 6 for one register, FC 16 for more.
 
         The device's echo of the request is its acknowledgement; Modbus carries no correlation id,

@@ -41,6 +41,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from protocols.common import PointRejected, index_points, lookup_point
@@ -213,7 +214,9 @@ class MqttDriver:
             for point in self._specs
         ]
 
-    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+    async def write(
+        self, point: PointId, value: float, *, correlation_id: str = "", hold_until: datetime | None = None
+    ) -> None:
         """Publish a command and wait ``timeout_s`` for the device's response with the same id."""
         spec = self._spec(point)
         if not spec.writable:

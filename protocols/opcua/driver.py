@@ -359,7 +359,9 @@ class OpcUaDriver:
             except TimeoutError:
                 self._lost = f"no data and no keep-alive from the subscription for {wait_s:g} s"
 
-    async def write(self, point: PointId, value: float, *, correlation_id: str = "") -> None:
+    async def write(
+        self, point: PointId, value: float, *, correlation_id: str = "", hold_until: datetime | None = None
+    ) -> None:
         """Write one value with the node's data type, or call the point's method with it.
 
         OPC UA carries no correlation id, so ``correlation_id`` is ignored.
