@@ -564,10 +564,19 @@ class BigScreen:
             body = f'<table class="list">{"".join(lines)}</table>'
         else:
             body = f'<div class="empty" data-empty="dispatches">{esc(t("no_dispatches", lang))}</div>'
-        self._set(
-            self._dispatches,
-            f'<div class="card"><div class="card-title">{esc(t("dispatches", lang))}</div>{body}</div>',
-        )
+        cut = snap.dispatch_cut
+        total = ""
+        if cut is not None:
+            text = t(
+                "month_cut",
+                lang,
+                value=format_number(cut.co2e_avoided_t, 2),
+                pm=format_number(cut.co2e_uncertainty_t, 2),
+                n=cut.measured,
+            )
+            total = f'<div class="muted" data-kpi="month-cut">{esc(text)}</div>'
+        title = f'<div class="card-title">{esc(t("dispatches", lang))}</div>'
+        self._set(self._dispatches, f'<div class="card">{title}{total}{body}</div>')
         active = banner_order(snap.alarms)
         if active:
             zone = snap.zone

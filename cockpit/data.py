@@ -167,6 +167,16 @@ class Forecast:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchCut:
+    """The month's measured effect of all dispatches (``GET /api/v1/verification/monthly``)."""
+
+    co2e_avoided_t: float
+    co2e_uncertainty_t: float
+    measured: int
+    """Dispatches measured so far this month (the unmeasurable ones are not in the sum)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QuotaView:
     """A node's quota for a month and, once forecast, where it stands (percentages of the quota)."""
 
@@ -285,6 +295,8 @@ class Snapshot:
     alarms: tuple[AlarmView, ...] = ()
     dispatches: tuple[DispatchView, ...] = ()
     """Every dispatch awaiting approval and the newest others, in :func:`dispatch_order`."""
+    dispatch_cut: DispatchCut | None = None
+    """What this month's dispatches measurably cut, once any was measured."""
     live: bool = False
     """Whether the websocket is connected."""
     errors: Mapping[str, str] = field(default_factory=_empty)
@@ -894,11 +906,12 @@ class DataLayer:
         now = datetime.now(UTC)
         midnight = _local_midnight(now, zone)
         month = f"{midnight.year:04d}-{midnight.month:02d}"
-        emissions, forecasts, quotas, energy = await asyncio.gather(
+        emissions, forecasts, quotas, energy, cut = await asyncio.gather(
             self._guard("emissions", self.get("/api/v1/emissions", period="day")),
             self._guard("forecasts", self.get("/api/v1/forecasts", month=month)),
             self._guard("quotas", self.get("/api/v1/quotas", month=month)),
             self._guard("energy", self._energy_today(snap, midnight)),
+            self._guard("verification", self.get("/api/v1/verification/monthly", month=month)),
         )
         changes: dict[str, Any] = {"refreshed_at": now}
         if emissions is not None:
@@ -917,6 +930,12 @@ class DataLayer:
             changes["quotas"] = tuple(_quota(q) for q in quotas["quotas"])
         if energy is not None:
             changes["energy_today_kwh"] = energy
+        if cut is not None and cut.get("measured"):
+            changes["dispatch_cut"] = DispatchCut(
+                co2e_avoided_t=float(cut["co2e_avoided_t"]),
+                co2e_uncertainty_t=float(cut["co2e_uncertainty_t"]),
+                measured=int(cut["measured"]),
+            )
         self._publish(**changes)
 
     async def _energy_today(self, snap: Snapshot, midnight: datetime) -> float | None:

@@ -75,6 +75,10 @@ TEXT: dict[str, tuple[str, str]] = {
     "no_dispatches": ("暂无调度", "No dispatches yet"),
     "dispatch_queue": ("调度审批队列", "Dispatch queue"),
     "cut_co2": ("减排 {value} tCO2e", "cut {value} t CO2"),
+    "month_cut": (
+        "本月调度实测减排 {value} ± {pm} tCO2e ({n} 次)",
+        "this month's dispatches cut {value} ± {pm} t CO2 ({n} measured)",
+    ),
     "expected_kw": ("预期削减 {value} kW", "expected {value} kW"),
     "effect_pending": ("效果待核验", "effect to be verified"),
     "no_waiting": ("无待审批调度", "Nothing awaiting approval"),
