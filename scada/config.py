@@ -560,6 +560,12 @@ def parse_site(text: str, *, source: str = "<site>") -> SiteConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError.of_yaml(source, err) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deep") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        # PyYAML's constructors raise these for a scalar its resolver or an explicit tag promised
+        # but that does not convert: "2001-13-45" (a date), "!!int abc", "!!bool maybe".
+        raise ConfigError(f"{source}: not valid YAML: cannot convert a value: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with 'site', 'hierarchy' and 'devices'")
     try:

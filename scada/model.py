@@ -463,7 +463,7 @@ class ConfigError(ScadaError):
                 node = node[item] if isinstance(node, list) and item < len(node) else None
                 name = (node.get("id") or node.get("key")) if isinstance(node, dict) else None
                 if isinstance(name, str):
-                    parts.append(f" ({name})")
+                    parts.append(f" ({name})" if name.isprintable() else f" ({name!r})")  # one line
             else:
                 parts.append(f".{item}" if parts else str(item))
                 node = node.get(item) if isinstance(node, dict) else None
@@ -480,6 +480,9 @@ class ConfigError(ScadaError):
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
+        position, reason = getattr(err, "position", None), getattr(err, "reason", None)
+        if mark is None and isinstance(position, int) and reason:  # ReaderError: a character YAML refuses
+            problem = f"{reason} (character {position + 1})"
         return cls(f"{source}{where}: not valid YAML: {problem}")
 
 

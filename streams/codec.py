@@ -45,6 +45,7 @@ import functools
 import json
 import math
 import re
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, overload
@@ -112,6 +113,18 @@ _WIRE_TO_NON_FINITE: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity"
 _ROW_LEN: Final = 5
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 """Made once: ``json.dumps`` with non-default arguments builds a new encoder on every call."""
+
+
+def _brief_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+    shown.maxlevel, shown.maxstring, shown.maxother, shown.maxlong = 3, 80, 80, 40
+    shown.maxlist = shown.maxdict = shown.maxtuple = 6
+    return shown
+
+
+_BRIEF: Final = _brief_repr()
+"""Shows a bad value in a decode error: bounded in length and depth, so a 100 kB string or a list
+nested 900 deep makes a short reason (and no RecursionError) instead of an unreadable one."""
 
 WireRow = tuple[str, int, float | None, int, str | None]
 """One decoded row: ``(point_id, ts_epoch_us, value, quality_code, reason)``, checked like a Reading."""
@@ -188,13 +201,13 @@ def _decode_row(index: int, row: Any) -> Reading:
         raise DecodeError(f"row {index}: expected [point, ts_us, value, quality, reason]")
     point, ts_us, wire_value, code, reason = row
     if not isinstance(point, str) or not _POINT_ID_RE.match(point):
-        raise DecodeError(f"row {index}: malformed point id {point!r}")
+        raise DecodeError(f"row {index}: malformed point id {_brief(point)}")
     ts = _decode_ts(f"row {index} ({point})", ts_us)
     value = _value_from_wire(index, point, wire_value)
     if isinstance(code, bool) or not isinstance(code, int) or code not in _QUALITY_CODES:
-        raise DecodeError(f"row {index} ({point}): quality must be 0, 1 or 2, got {code!r}")
+        raise DecodeError(f"row {index} ({point}): quality must be 0, 1 or 2, got {_brief(code)}")
     if reason is not None and not isinstance(reason, str):
-        raise DecodeError(f"row {index} ({point}): reason must be null or a string, got {reason!r}")
+        raise DecodeError(f"row {index} ({point}): reason must be null or a string, got {_brief(reason)}")
     quality_code = QualityCode(code)
     if value is None and quality_code is not QualityCode.BAD:
         raise DecodeError(f"row {index} ({point}): value is null but quality is {quality_code.name}")
@@ -338,7 +351,7 @@ def _value_from_wire(index: int, point: str, value: Any) -> float | None:
             raise DecodeError(f"row {index} ({point}): value {value} overflows a double") from None
     if isinstance(value, str) and value in _WIRE_TO_NON_FINITE:
         return _WIRE_TO_NON_FINITE[value]
-    raise DecodeError(f"row {index} ({point}): value must be a number or null, got {value!r}")
+    raise DecodeError(f"row {index} ({point}): value must be a number or null, got {_brief(value)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,12 +394,12 @@ def decode_event(fields: EntryFields) -> AvailabilityEvent:
         raise DecodeError("field 'e' must be a JSON object")
     device, reason = body.get("device"), body.get("reason", "")
     if not isinstance(device, str) or not _DEVICE_ID_RE.match(device):
-        raise DecodeError(f"event: malformed device id {device!r}")
+        raise DecodeError(f"event: malformed device id {_brief(device)}")
     if not isinstance(reason, str):
         raise DecodeError("event: reason must be a string")
     state = body.get("availability")
-    if state not in _AVAILABILITIES:
-        raise DecodeError(f"event: unknown availability {state!r}")
+    if not isinstance(state, str) or state not in _AVAILABILITIES:  # a list or object is unhashable
+        raise DecodeError(f"event: unknown availability {_brief(state)}")
     availability = Availability(state)
     ts = _decode_ts(f"event ({device})", body.get("ts_us"))
     return AvailabilityEvent(device=DeviceId(device), ts=ts, availability=availability, reason=reason)
@@ -421,10 +434,16 @@ def _field_map(fields: EntryFields) -> dict[bytes, bytes]:
     """Normalise fields to bytes, whether the client was made with ``decode_responses`` or not."""
     out: dict[bytes, bytes] = {}
     for key, value in fields.items():
-        out[key.encode() if isinstance(key, str) else key] = (
-            value.encode() if isinstance(value, str) else value
-        )
+        out[_as_bytes(key, "name")] = _as_bytes(value, "value")
     return out
+
+
+def _as_bytes(item: object, what: str) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8", errors="surrogatepass")  # a lone surrogate: refused as not UTF-8
+    raise DecodeError(f"field {what} must be bytes or text, got {type(item).__name__}")
 
 
 def _check_version(raw: Mapping[bytes, bytes]) -> None:
@@ -451,7 +470,7 @@ def _refuse_constant(name: str) -> Any:
 
 def _decode_ts(where: str, ts_us: Any) -> datetime:
     if isinstance(ts_us, bool) or not isinstance(ts_us, int):
-        raise DecodeError(f"{where}: timestamp must be integer microseconds, got {ts_us!r}")
+        raise DecodeError(f"{where}: timestamp must be integer microseconds, got {_brief(ts_us)}")
     if not _MIN_TS_US <= ts_us < _MAX_TS_US:
         raise DecodeError(f"{where}: timestamp {ts_us} us is outside [2000-01-01, 2100-01-01)")
     return _EPOCH + timedelta(microseconds=ts_us)
@@ -464,4 +483,9 @@ def _to_epoch_us(ts: datetime) -> int:
 
 
 def _show(value: bytes | None) -> str:
-    return "<missing>" if value is None else repr(value.decode(errors="replace"))
+    return "<missing>" if value is None else _brief(value.decode(errors="replace"))
+
+
+def _brief(value: Any) -> str:
+    """Return a short ``repr`` of a bad value for a decode error (see :data:`_BRIEF`)."""
+    return _BRIEF.repr(value)

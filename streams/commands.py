@@ -82,6 +82,7 @@ _EXECUTING: Final = b"executing"
 _DONE: Final = b"done"
 DEFAULT_MAX_AGE_S: Final = 60.0
 DEFAULT_MAX_IN_FLIGHT: Final = 64
+_STATUSES: Final = frozenset(status.value for status in CommandStatus)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,11 +95,11 @@ def _us(ts: datetime) -> int:
 
 def _from_us(where: str, value: Any) -> datetime:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise DecodeError(f"{where}: expected integer microseconds, got {value!r}")
+        raise DecodeError(f"{where}: expected integer microseconds, got {value!r:.60}")
     try:
         return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
     except OverflowError:
-        raise DecodeError(f"{where}: {value} is out of range") from None
+        raise DecodeError(f"{where}: {value!r:.60} is out of range") from None
 
 
 def encode_command(command: Command) -> dict[bytes, bytes]:
@@ -127,7 +128,7 @@ def _body(fields: Mapping[Any, Any], name: bytes) -> dict[str, Any]:
         raise DecodeError(f"missing field {name.decode()!r}")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueError
         raise DecodeError(f"field {name.decode()!r} is not JSON: {err}") from None
     if not isinstance(body, dict):
         raise DecodeError(f"field {name.decode()!r} must be a JSON object")
@@ -137,15 +138,19 @@ def _body(fields: Mapping[Any, Any], name: bytes) -> dict[str, Any]:
 def _text(body: Mapping[str, Any], key: str, *, required: bool = True) -> str:
     value = body.get(key, None if required else "")
     if not isinstance(value, str) or (required and not value):
-        raise DecodeError(f"{key}: expected a non-empty string, got {value!r}")
+        raise DecodeError(f"{key}: expected a non-empty string, got {value!r:.60}")
     return value
 
 
 def _number(body: Mapping[str, Any], key: str) -> float:
     value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DecodeError(f"{key}: expected a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond the double range
+        number = math.nan
+    if not math.isfinite(number):
+        raise DecodeError(f"{key}: expected a finite number, got {value!r:.60}")
+    return number
 
 
 def decode_command(fields: Mapping[Any, Any]) -> Command:
@@ -154,12 +159,12 @@ def decode_command(fields: Mapping[Any, Any]) -> Command:
     point = _text(body, "point")
     try:
         split_point_id(point)
-    except Exception as err:  # noqa: BLE001 (NotFound: a malformed id is a decode error here)
-        raise DecodeError(f"point: {err}") from None
+    except Exception:  # noqa: BLE001 (NotFound: a malformed id is a decode error here)
+        raise DecodeError(f"point: malformed point id {point!r:.60}") from None
     try:
         priority = Priority(int(body["priority"]))
-    except (KeyError, TypeError, ValueError):
-        raise DecodeError(f"priority: unknown priority {body.get('priority')!r}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise DecodeError(f"priority: unknown priority {body.get('priority')!r:.60}") from None
     hold = body.get("hold_until_us")
     fence = body.get("fence")
     if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int) or fence < 1):
@@ -195,10 +200,10 @@ def encode_result(result: CommandResult, *, executor: str) -> dict[bytes, bytes]
 def decode_result(fields: Mapping[Any, Any]) -> CommandResult:
     """Decode a ``command_results`` entry; raise :class:`DecodeError` saying what is wrong."""
     body = _body(fields, b"r")
-    try:
-        status = CommandStatus(str(body["status"]))
-    except (KeyError, ValueError):
-        raise DecodeError(f"status: unknown status {body.get('status')!r}") from None
+    status_text = body.get("status")
+    if not isinstance(status_text, str) or status_text not in _STATUSES:
+        raise DecodeError(f"status: unknown status {status_text!r:.60}")
+    status = CommandStatus(status_text)
     readback = body.get("readback")
     return CommandResult(
         correlation_id=_text(body, "correlation_id"),

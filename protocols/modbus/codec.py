@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -73,6 +74,10 @@ _INT_RANGE: Mapping[DataType, tuple[int, int]] = {
 }
 
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT_RANGE: Mapping[DataType, tuple[float, float]] = {
+    DataType.FLOAT32: (-_FLOAT32_MAX, _FLOAT32_MAX),
+    DataType.FLOAT64: (-sys.float_info.max, sys.float_info.max),
+}
 
 
 class EncodeError(ValueError):
@@ -188,9 +193,17 @@ def to_engineering(raw: int | float, *, scale: float = 1.0, offset: float = 0.0)
     0.939
     """
     divisor = 1.0 / scale
-    if abs(scale) < 1 and divisor == round(divisor):
+    if _is_decimal_step(scale, divisor):
         return float(raw) / round(divisor) + offset
     return float(raw) * scale + offset
+
+
+def _is_decimal_step(scale: float, divisor: float) -> bool:
+    """Return True for a scale such as 0.1 or 0.001 whose inverse is a whole number.
+
+    A scale below about 5.6e-309 has an infinite inverse, which ``round`` cannot take.
+    """
+    return abs(scale) < 1 and math.isfinite(divisor) and divisor == round(divisor)
 
 
 def from_engineering(
@@ -217,20 +230,29 @@ def from_engineering(
     if not math.isfinite(value):
         raise EncodeError(f"{value} is not a finite number")
     raw = (value - offset) / scale
+    low, high = _INT_RANGE.get(data_type) or _FLOAT_RANGE[data_type]
+    if not math.isfinite(raw):  # a finite value over a tiny scale: out of any type's range
+        raise _out_of_range(value, data_type, scale=scale, offset=offset, low=low, high=high)
     if data_type not in _INT_RANGE:
         return raw
-    low, high = _INT_RANGE[data_type]
     # Half away from zero, as people round; an integral value is taken as it is, because from 2**52
     # on adding 0.5 rounds to the next even integer and would change it.
     rounded = int(raw) if raw.is_integer() else int(math.copysign(math.floor(abs(raw) + 0.5), raw))
     if not low <= rounded <= high:
-        ends = sorted(to_engineering(end, scale=scale, offset=offset) for end in (low, high))
-        raise EncodeError(
-            f"{value} is out of range for {data_type.value} with scale {scale:g}"
-            + (f" and offset {offset:g}" if offset else "")
-            + f": {ends[0]:g}..{ends[1]:g}"
-        )
+        raise _out_of_range(value, data_type, scale=scale, offset=offset, low=low, high=high)
     return rounded
+
+
+def _out_of_range(
+    value: float, data_type: DataType, *, scale: float, offset: float, low: float, high: float
+) -> EncodeError:
+    """Return the error of a value outside the type's range, naming the range in engineering units."""
+    ends = sorted(to_engineering(end, scale=scale, offset=offset) for end in (low, high))
+    return EncodeError(
+        f"{value} is out of range for {data_type.value} with scale {scale:g}"
+        + (f" and offset {offset:g}" if offset else "")
+        + f": {ends[0]:g}..{ends[1]:g}"
+    )
 
 
 def decode_point(
@@ -299,7 +321,7 @@ def compile_decoder(
     if word_order is WordOrder.LITTLE:
         order = [2 * (size // 2 - 1 - i // 2) + i % 2 for i in order]
     divisor = 1.0 / scale
-    decimal = abs(scale) < 1 and divisor == round(divisor)  # as to_engineering: 939 x 0.001 = 0.939
+    decimal = _is_decimal_step(scale, divisor)  # as to_engineering: 939 x 0.001 = 0.939
 
     def raw_in_order(data: bytes, start: int) -> float:
         return float(unpack_from(data, start)[0])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -47,7 +48,13 @@ from typing import Final
 from protocols.common import PointRejected, index_points, lookup_point
 from protocols.mqtt.config import MqttDeviceConfig
 from protocols.mqtt.connection import MqttConnection, MqttMessage
-from protocols.mqtt.payload import CommandResponse, encode_command, parse_response, parse_telemetry
+from protocols.mqtt.payload import (
+    CommandResponse,
+    FieldValue,
+    encode_command,
+    parse_response,
+    parse_telemetry,
+)
 from scada.model import (
     Acquisition,
     Clock,
@@ -332,8 +339,7 @@ class MqttDriver:
             if message.retained and quality.is_good:
                 quality = _RETAINED
             for spec in self._by_field[item.field]:
-                value = None if item.value is None else item.value * spec.scale + spec.offset
-                reading = Reading(point=spec.point, ts=item.ts, value=value, quality=quality)
+                reading = _scaled(item, spec, quality)
                 batch.append(reading)
                 previous = latest.get(spec.point)
                 if previous is None or previous.ts <= reading.ts:
@@ -400,3 +406,14 @@ class MqttDriver:
 
     def _spec(self, point: PointId) -> MqttPointSpec:
         return lookup_point(self._device, self._specs, point)
+
+
+def _scaled(item: FieldValue, spec: MqttPointSpec, quality: Quality) -> Reading:
+    """Return one point's reading of a field value; bad when scaling leaves the float range."""
+    if item.value is None:
+        return Reading(point=spec.point, ts=item.ts, value=None, quality=quality)
+    value = item.value * spec.scale + spec.offset
+    if not math.isfinite(value):  # e.g. 1e307 MW x 1000 kW/MW: there is no such figure in kW
+        bad = Quality.bad(f"{item.value:g} x scale {spec.scale:g} is out of range")
+        return Reading(point=spec.point, ts=item.ts, value=None, quality=bad)
+    return Reading(point=spec.point, ts=item.ts, value=value, quality=quality)

@@ -170,15 +170,59 @@ def query_cursor(query: Mapping[str, str], *, max_digits: int = 18) -> int:
     return value
 
 
-async def json_object(request: web.Request, allowed: Collection[str]) -> dict[str, Any]:
-    """Return the request body as a JSON object with no field outside ``allowed``; 400 otherwise."""
+class _NotPortableJson(ValueError):
+    """A number JSON parsers disagree on: NaN, Infinity, or an integer beyond a double's range."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotPortableJson(f"{name} is not a JSON number")
+
+
+def _portable_int(text: str) -> int:
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = int(text)  # a ValueError past Python's 4300-digit limit
+        float(value)  # an OverflowError past a double's range: the handlers' float checks would raise it
+    except (ValueError, OverflowError):
+        raise _NotPortableJson(f"the integer {text[:12]}... ({len(text)} digits) is too large") from None
+    return value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_portable_int)
+
+
+async def json_object(request: web.Request, allowed: Collection[str]) -> dict[str, Any]:
+    """Return the request body as a JSON object with no field outside ``allowed``; 400 otherwise.
+
+    The body is read as UTF-8 (RFC 8259) whatever charset the request names, so an unknown charset
+    cannot fail the request. Refused with a 400 naming the problem: bytes that are not UTF-8 or not
+    JSON, nesting deeper than the parser's recursion limit, NaN and Infinity, integers beyond a
+    double's range (they would overflow the handlers' float checks) and strings with a lone UTF-16
+    surrogate (an escaped code point from D800 to DFFF: no database or log can store them).
+    """
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+        body = _JSON_DECODER.decode(text)
+    except _NotPortableJson as err:
+        raise invalid(f"body: {err}") from None
+    except RecursionError:
+        raise invalid("body: JSON nested too deep") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise invalid("body: not JSON") from None
+    if "\\u" in text and _has_lone_surrogate(body):
+        raise invalid("body: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     if not isinstance(body, dict):
         raise invalid("body: expected a JSON object")
     unknown = sorted(set(body).difference(allowed))
     if unknown:
         raise invalid(f"body: unknown field {unknown[0]!r}")
     return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Return True if a string anywhere in ``value`` (keys included) cannot be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
