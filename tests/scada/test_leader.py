@@ -100,9 +100,7 @@ class Candidate:
 
 
 @contextlib.asynccontextmanager
-async def candidate(
-    redis: aioredis.Redis, prefix: str, work: Work, name: str
-) -> AsyncIterator[Candidate]:
+async def candidate(redis: aioredis.Redis, prefix: str, work: Work, name: str) -> AsyncIterator[Candidate]:
     lease = LeaderLease(redis, prefix=prefix, instance=name, **FAST)  # type: ignore[arg-type]
     running = Candidate(lease, asyncio.create_task(lease.run(work.for_(name))))  # type: ignore[arg-type]
     try:
