@@ -297,7 +297,7 @@ async def test_a_hold_survives_a_server_restart_and_the_new_leader_reverts_it(
                 point=LIMIT,
                 value=45,
                 reason="hold across a restart",
-                hold_until=dispatcher._clock.now() + timedelta(seconds=4),
+                hold_until=dispatcher._clock.now() + timedelta(seconds=5),
             )
         )
         assert held.state is DispatchState.VERIFIED
@@ -310,7 +310,7 @@ async def test_a_hold_survives_a_server_restart_and_the_new_leader_reverts_it(
         async def reverted() -> bool:
             return plant.device("pv-1").value("power_limit_pct") == before
 
-        await eventually(reverted, timeout_s=15)
+        await eventually(reverted, timeout_s=30)  # start-up, election, then the hold's end
         stored = await successor.store.get(held.id)
         assert stored is not None
         assert stored.state is DispatchState.REVERTED
