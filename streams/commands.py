@@ -359,6 +359,8 @@ class _Executor:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     in_progress: set[str] = field(default_factory=set)
     redis_ok: bool | None = None
+    left_pending: bool = False
+    """An entry's result could not be published: the loop re-reads its pending list (id "0")."""
 
     async def run(self) -> None:
         try:
@@ -374,6 +376,9 @@ class _Executor:
                 except _REDIS_ERRORS as err:
                     self._redis_ok(False, err)
                     await self.clock.sleep(self.backoff.next_delay())
+                    continue
+                if self.left_pending:  # a result could not be published: read our pending list again
+                    self.left_pending, pending = False, True
                     continue
                 if pending and not entries:
                     pending = False
@@ -421,6 +426,7 @@ class _Executor:
             # Not acknowledged: the entry stays pending and is handled again after a restart; the
             # claim makes sure the device is not written twice.
             _LOGGER.warning("command %s: Redis failed (%s); left pending", entry_id, err)
+            self.left_pending = True
         except Exception:
             _LOGGER.exception("command %s: unexpected error; left pending", entry_id)
         finally:

@@ -235,12 +235,18 @@ class HistorianStage:
             if self._max_future is None
             else (self._clock.now() + self._max_future - _EPOCH) // timedelta(microseconds=1)
         )
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            await self._resolve(conn, {row[0] for row in rows})
-            data, days, count, unknown, future = self._pack(rows, horizon_us)
-            if count:
-                await self._write(conn, data, days, count)
-                self.written_total += count
+        try:
+            async with self._pool.acquire(timeout=self._timeout_s) as conn:
+                await self._resolve(conn, {row[0] for row in rows})
+                data, days, count, unknown, future = self._pack(rows, horizon_us)
+                if count:
+                    await self._write(conn, data, days, count)
+                    self.written_total += count
+        except asyncpg.ReadOnlySQLTransactionError:
+            # A session opened while the database was read-only (a fail-over, a disk-full guard)
+            # stays read-only after the database is writable again: the retry gets fresh sessions.
+            await self._pool.expire_connections()
+            raise
         if unknown or future:
             self.rejected_total += len(unknown) + len(future)
 
