@@ -59,6 +59,7 @@ from control_engine.rules import (
     PointState,
     Proposal,
     decide,
+    hourly_signals,
 )
 from scada.model import Carrier, NodeId, NodeLevel, PointId, Priority, QualityCode, Reading
 from simulators.physics import DevicePhysics, clear_sky_irradiance_w_m2
@@ -113,19 +114,6 @@ BOILER_FLOW_CAP_MAX = BOILER_BASE_NM3_H + (BOILER_PEAK_NM3_H - BOILER_BASE_NM3_H
 
 # -- signals --------------------------------------------------------------------------------------
 
-TARIFF_CNY_PER_KWH = {"valley": 0.30, "flat": 0.65, "peak": 1.10}
-"""Time-of-use energy price (an illustrative east-China industrial table)."""
-
-
-def tariff_band(local_hour: int) -> str:
-    """Return the tariff band of a local hour: valley 0-8, peak 8-11 and 17-22, flat otherwise."""
-    if local_hour < 8:
-        return "valley"
-    if 8 <= local_hour < 11 or 17 <= local_hour < 22:
-        return "peak"
-    return "flat"
-
-
 ENT_A_PV = ("a-pv-roof-1", "a-pv-roof-2")
 ENT_A_PV_KW = 250.0 + 180.0
 PV_CLOUD_DERATE = 0.85
@@ -175,13 +163,6 @@ class IntensityModel:
             load_kw = self._load_kw[slot] if self._seen[slot] else max(self._load_kw)
             out.append(self.now(load_kw, pv_kw) if load_kw > 0 else self.grid_factor)
         return tuple(out)
-
-
-def tariffs(hour_start: datetime, zone: ZoneInfo) -> tuple[float, ...]:
-    return tuple(
-        TARIFF_CNY_PER_KWH[tariff_band((hour_start + timedelta(hours=i)).astimezone(zone).hour)]
-        for i in range(SIGNAL_HOURS)
-    )
 
 
 # -- per-hour plant data --------------------------------------------------------------------------
@@ -548,7 +529,6 @@ def run_controlled(
     setup: Setup, doc: dict[str, Any], warm: Warmup, quotas_kg: Mapping[str, float]
 ) -> ControlledRun:
     config = setup.config
-    zone = ZoneInfo(setup.timezone)
     start, end = window(setup)
     step = timedelta(seconds=setup.step_s)
     t0 = time.perf_counter()
@@ -608,13 +588,16 @@ def run_controlled(
             budgets[node] = NodeBudget.from_forecast(forecast, quota_t=quotas_kg[node] / 1000.0)
         load_kw, pv_kw = ent_a_load_kw(plant)
         hour_start = now.replace(minute=0, second=0, microsecond=0)
+        # Tariffs from the site's control section; the intensity is enterprise A's own (PV share).
+        signals = hourly_signals(config, now, intensity.grid_factor, hours=SIGNAL_HOURS)
         snapshot = ControlSnapshot(
             now=now,
             budgets=budgets,
             points=points,
             intensity_kg_per_kwh=intensity.now(load_kw, pv_kw),
             intensity_hourly_kg_per_kwh=intensity.hourly(hour_start),
-            tariff_hourly_cny_per_kwh=tariffs(hour_start, zone),
+            tariff_hourly_cny_per_kwh=signals.tariff_hourly_cny_per_kwh,
+            node_tariff_hourly_cny_per_kwh=signals.node_tariff_hourly_cny_per_kwh,
         )
         state = replace(state, holds=dict(holds))
         decision = decide(snapshot, config, state)

@@ -14,7 +14,9 @@ device physics, stepped every ``--step-s`` seconds on an offline clock:
    :class:`ControlSnapshot` is built from the physics (values of good quality measured now), each
    node's budget from the ledger's month to date and the forecaster (which keeps learning the
    controlled hours), enterprise A's carbon intensity (grid factor x the grid's share of its load
-   now, and for 24 h from the clear-sky PV curve and the learned load) and a time-of-use tariff;
+   now, and for 24 h from the clear-sky PV curve and the learned load) and the site's time-of-use
+   tariffs (``control.tariffs`` through :func:`hourly_signals`); the rules with ``steps`` size their
+   action to each node's forecast gap (docs/control.md, "Gap sizing");
    then :func:`decide`, the bench's dispatcher (approve-first proposals approved at once and
    counted; holds, reverts at ``hold_until``, command history) and
    :meth:`Interlocks.merge_and_clamp`; clamped values are written to the physics and read back.
@@ -49,6 +51,9 @@ Usage::
 
     .venv/bin/python bench/control_month.py [--seeds 20] [--days N] [--step-s 300]
                                             [--month 2026-07] [--quota-pct 90] [--processes 2]
+
+``--days N`` is for smoke runs only: the quota is then a share of those N days while the forecast
+the controller sizes against is the whole month's, so the gap looks far larger than it is.
 
 Last line: ``RESULT {json}``.
 """

@@ -1,4 +1,4 @@
-"""The ``control:`` section of a site file: modes, stages, rules and interlocks (docs/control.md).
+"""The ``control:`` section of a site file: stages, sizing, tariffs, rules, interlocks (docs/control.md).
 
 Validated once, at the edge, into frozen pydantic models that :func:`control_engine.rules.decide`
 and :class:`control_engine.interlocks.Interlocks` read. Two layers of checks:
@@ -32,6 +32,7 @@ __all__ = [
     "ControlConfig",
     "CurtailParameters",
     "CurtailRule",
+    "IntensityProfile",
     "NodeControl",
     "NodeMode",
     "OnOffTimes",
@@ -42,11 +43,15 @@ __all__ = [
     "SetpointRule",
     "ShiftParameters",
     "ShiftRule",
+    "SizingConfig",
+    "SizingStep",
     "SocWindow",
     "StageBasis",
     "StagesConfig",
     "StorageParameters",
     "StorageRule",
+    "TariffPeriod",
+    "TariffsConfig",
     "parse_control",
 ]
 
@@ -130,16 +135,53 @@ def _priority(value: Any) -> Any:
     return value
 
 
-class SetpointParameters(_Frozen):
-    """Write ``value`` to every target, or add ``offset`` to the setpoint in force before control."""
+class SizingStep(_Frozen):
+    """One step of a gap-sized measure: how deep, what it avoids and what it costs while in force.
+
+    Steps are incremental: ``reduction_*`` and ``cost_cny_per_h`` are what this step adds to the
+    steps before it. The controller fills steps cheapest first (cost per tCO2e avoided, across every
+    sized rule of the node's active stages) until the forecast gap is covered; the last step it
+    needs is filled in part and the value interpolated linearly between this step and the one before
+    (the displaced value before the first step).
+    """
 
     value: Finite | None = None
     offset: Finite | None = None
+    reduction_kw: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Grid power avoided (kW): CO2e by the intensity forecast, money saved by the tariff."""
+    reduction_kg_per_h: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """CO2e avoided directly (kg/h), e.g. Scope 1 gas not burnt."""
+    cost_cny_per_h: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """What the step costs while in force (comfort, production, wear), before tariff savings."""
 
     @model_validator(mode="after")
     def _one_of(self) -> Self:
         if (self.value is None) == (self.offset is None):
             raise ValueError("give exactly one of value (absolute) or offset (relative)")
+        if self.reduction_kw <= 0 and self.reduction_kg_per_h <= 0:
+            raise ValueError("a step must avoid something: give reduction_kw or reduction_kg_per_h > 0")
+        return self
+
+
+class SetpointParameters(_Frozen):
+    """Write ``value``, add ``offset`` to the displaced setpoint, or size the move along ``steps``."""
+
+    value: Finite | None = None
+    offset: Finite | None = None
+    steps: tuple[SizingStep, ...] = ()
+    """Gap-sized: from the mildest step to the deepest (all absolute or all offsets)."""
+    resolution: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Round a gap-sized value to a multiple of this (a register's step); None: not rounded."""
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        given = sum(
+            1 for present in (self.value is not None, self.offset is not None, bool(self.steps)) if present
+        )
+        if given != 1:
+            raise ValueError("give exactly one of value (absolute), offset (relative) or steps (gap-sized)")
+        if self.steps and len({step.value is None for step in self.steps}) > 1:
+            raise ValueError("steps must be all absolute (value) or all relative (offset)")
         return self
 
 
@@ -161,6 +203,15 @@ class StorageParameters(_Frozen):
     mode_point: PointRef | None = None
     """A battery mode point to set with the power (the example battery: 1 = follow setpoint)."""
     mode_value: Finite = 1.0
+    hysteresis_kg_per_kwh: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Deadband: a discharge goes on until the intensity falls this far below
+    ``discharge_above_kg_per_kwh``, a charge until it rises this far above ``charge_below_kg_per_kwh``."""
+    min_spread_kg_per_kwh: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Start a discharge (charge) only when the intensity now is at least this much above (below) the
+    cleanest (dirtiest) hour of the next ``spread_horizon_h`` hours: a cycle must pay for its losses."""
+    min_spread_cny_per_kwh: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    """Alternatively (either spread suffices), the same on the tariff; None: the price is not used."""
+    spread_horizon_h: Annotated[int, Field(ge=1, le=48)] = 12
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
@@ -168,6 +219,12 @@ class StorageParameters(_Frozen):
             raise ValueError(
                 "charge_below_kg_per_kwh must be below discharge_above_kg_per_kwh "
                 "(the battery would charge and discharge at the same intensity)"
+            )
+        gap = self.discharge_above_kg_per_kwh - self.charge_below_kg_per_kwh
+        if 2 * self.hysteresis_kg_per_kwh >= gap:
+            raise ValueError(
+                f"hysteresis_kg_per_kwh ({self.hysteresis_kg_per_kwh:g}) must be below half the gap "
+                f"between the charge and discharge thresholds ({gap:g}): the deadbands would overlap"
             )
         return self
 
@@ -263,6 +320,115 @@ RuleConfig = Annotated[SetpointRule | StorageRule | ShiftRule | CurtailRule, Fie
 """Any rule, told apart by ``kind``."""
 
 
+class SizingConfig(_Frozen):
+    """How gap-sized rules (rules with ``steps``) size their action (docs/control.md)."""
+
+    target_pct: Annotated[float, Field(gt=0, le=100)] = 99.0
+    """Aim the month-end forecast at this share of the quota (a margin for forecast error)."""
+    forecast_lag_h: Annotated[float, Field(gt=0, le=24 * 31)] = 72.0
+    """Time constant with which the forecast comes to reflect a reduction in force (it learns the
+    controlled hours): the part of the reduction not reflected yet is still counted as in force."""
+    deadband_pct: Annotated[float, Field(ge=0, le=100)] = 5.0
+    """Re-size (after ``stages.min_dwell_s``) only when the need moved by more than this share."""
+    min_effect_pct: Annotated[float, Field(ge=0, le=100)] = 0.1
+    """... and by enough to move the month-end total by this share of the quota: in the month's last
+    hours a large change of rate changes little, and re-sizing on forecast noise only flips setpoints."""
+
+
+HOURS_PER_DAY = 24
+
+
+class TariffPeriod(_Frozen):
+    """An energy price over local hours ``[start_hour, end_hour)``."""
+
+    start_hour: Annotated[int, Field(ge=0, le=23)]
+    end_hour: Annotated[int, Field(ge=1, le=24)]
+    cny_per_kwh: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if self.end_hour <= self.start_hour:
+            raise ValueError(f"end_hour ({self.end_hour}) must be after start_hour ({self.start_hour})")
+        return self
+
+
+TariffPeriods = Annotated[tuple[TariffPeriod, ...], Field(min_length=1)]
+
+
+def _check_day(periods: tuple[TariffPeriod, ...]) -> tuple[TariffPeriod, ...]:
+    """Every local hour has exactly one price."""
+    owner: list[int | None] = [None] * HOURS_PER_DAY
+    for index, period in enumerate(periods):
+        for hour in range(period.start_hour, period.end_hour):
+            if owner[hour] is not None:
+                raise ValueError(f"periods [{owner[hour]}] and [{index}] overlap at hour {hour}")
+            owner[hour] = index
+    missing = [hour for hour, who in enumerate(owner) if who is None]
+    if missing:
+        raise ValueError(f"hours {_ranges(missing)} have no price: the periods must cover 0-24")
+    return periods
+
+
+def _ranges(hours: list[int]) -> str:
+    """Return ``[1, 2, 3, 7]`` as ``1-4, 7-8`` (end exclusive, like the periods)."""
+    out: list[str] = []
+    start = prev = hours[0]
+    for hour in [*hours[1:], None]:
+        if hour is not None and hour == prev + 1:
+            prev = hour
+            continue
+        out.append(f"{start}-{prev + 1}")
+        if hour is not None:
+            start = prev = hour
+    return ", ".join(out)
+
+
+class TariffsConfig(_Frozen):
+    """Time-of-use energy prices in the control time zone: site-wide, and per node where they differ."""
+
+    periods: TariffPeriods
+    nodes: Mapping[Id, TariffPeriods] = Field(default_factory=dict)
+
+    @field_validator("periods")
+    @classmethod
+    def _site_day(cls, periods: tuple[TariffPeriod, ...]) -> tuple[TariffPeriod, ...]:
+        return _check_day(periods)
+
+    def price(self, local_hour: int, node: str | None = None) -> float:
+        """Return the price of a local hour (a node's own table when it has one)."""
+        periods = self.nodes.get(node, self.periods) if node is not None else self.periods
+        for period in periods:
+            if period.start_hour <= local_hour < period.end_hour:
+                return period.cny_per_kwh
+        raise ValueError(f"no price for hour {local_hour}")  # unreachable: validated to cover the day
+
+
+Hourly = Annotated[
+    tuple[Annotated[float, Field(ge=0, allow_inf_nan=False)], ...],
+    Field(min_length=HOURS_PER_DAY, max_length=HOURS_PER_DAY),
+]
+"""24 values, one per local hour 0-23."""
+
+
+class IntensityProfile(_Frozen):
+    """Expected grid carbon intensity by local hour (kgCO2/kWh); hours without one use the factor."""
+
+    hourly_kg_per_kwh: Hourly | None = None
+    """One profile for every month."""
+    monthly_kg_per_kwh: Mapping[Annotated[int, Field(ge=1, le=12)], Hourly] = Field(default_factory=dict)
+    """Per calendar month (1-12), before ``hourly_kg_per_kwh``."""
+
+    def at(self, local_month: int, local_hour: int) -> float | None:
+        """Return the profile's intensity at a local month and hour, or None when it has none."""
+        month = self.monthly_kg_per_kwh.get(local_month)
+        if month is not None:
+            return month[local_hour]
+        if self.hourly_kg_per_kwh is not None:
+            return self.hourly_kg_per_kwh[local_hour]
+        return None
+
+
 class OnOffTimes(_Frozen):
     """Minimum on and off times of an on/off point (value >= 0.5 is on)."""
 
@@ -334,6 +500,9 @@ class ControlConfig(_Frozen):
     rule_time_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     """A rule taking longer than this per cycle is isolated: its output is dropped and reported."""
     stages: StagesConfig = StagesConfig()
+    sizing: SizingConfig = SizingConfig()
+    tariffs: TariffsConfig | None = None
+    intensity: IntensityProfile | None = None
     nodes: Mapping[Id, NodeControl] = Field(default_factory=dict)
     rules: tuple[RuleConfig, ...] = ()
     interlocks: Mapping[PointRef, PointInterlock] = Field(default_factory=dict)
@@ -422,6 +591,8 @@ def _problems(config: ControlConfig, known: _Known) -> Iterator[_Problem]:
     for node in config.nodes:
         if known.nodes is not None and node not in known.nodes:
             yield ("nodes", node), f"unknown node {node!r}"
+    if config.tariffs is not None:
+        yield from _tariff_problems(config.tariffs, known.nodes)
     for index, entry in enumerate(config.critical):
         if "." in entry:
             if known.points is not None and entry not in known.points:
@@ -436,6 +607,16 @@ def _problems(config: ControlConfig, known: _Known) -> Iterator[_Problem]:
             yield ("rules", index, "id"), f"duplicate rule id {rule.id!r}"
         seen.add(rule.id)
         yield from _rule_problems(config, ("rules", index), rule, known)
+
+
+def _tariff_problems(tariffs: TariffsConfig, known_nodes: Collection[str] | None) -> Iterator[_Problem]:
+    for node, periods in tariffs.nodes.items():
+        if known_nodes is not None and node not in known_nodes:
+            yield ("tariffs", "nodes", node), f"unknown node {node!r}"
+        try:
+            _check_day(periods)
+        except ValueError as err:
+            yield ("tariffs", "nodes", node), str(err)
 
 
 def _rule_problems(

@@ -16,7 +16,13 @@ Contract
   forecast share of the quota reaches ``stages.enter_pct`` and it has dwelt ``min_dwell_s`` in its
   stage; it steps down one stage when the share falls below ``exit_pct`` after the same dwell.
   Between the two thresholds it stays put: a forecast hovering at the threshold cannot oscillate.
-  A node without a budget, or with one older than ``budget_max_age_s``, keeps its stage.
+  A node without a budget, or with one older than ``budget_max_age_s``, keeps its stage. A node
+  whose gap-sized rules in force can cover its gap does not escalate, and one whose current stage's
+  sized rules are still needed does not step down.
+- **Gap sizing.** Rules with ``steps`` act in proportion to the forecast gap: the need (kgCO2e/h
+  to the month's end, plus the reduction in force the forecast already reflects) is filled with
+  the cheapest steps per tCO2e first (tariffs and intensity from the snapshot); the state keeps the
+  fills (:class:`SizingState`), re-sized after a dwell when the need moved past a deadband.
 - **Proposals.** Every rule of a node's stages ``1..current`` runs, lowest stage first. A rule acts
   only on inputs that are present, of good quality and fresh (``age <= max_age_s``): otherwise it
   proposes nothing and :attr:`Decision.skipped` says why. A rule that raises or exceeds
@@ -45,12 +51,14 @@ from control_engine.control_config import (
     NodeMode,
     RuleConfig,
     RuleKind,
+    SetpointParameters,
     SetpointRule,
     ShiftRule,
     StageBasis,
+    StorageParameters,
     StorageRule,
 )
-from control_engine.forecast import MonthForecast
+from control_engine.forecast import MonthForecast, month_bounds
 from scada.model import DeviceId, NodeId, PointId, Priority, QualityCode
 
 __all__ = [
@@ -60,6 +68,7 @@ __all__ = [
     "Decision",
     "Evaluator",
     "Hold",
+    "HourlySignals",
     "NodeBudget",
     "OperatorHold",
     "OperatorHoldKind",
@@ -68,11 +77,13 @@ __all__ = [
     "RuleContext",
     "RuleError",
     "RuleSkipped",
+    "SizingState",
     "Skip",
     "StageChange",
     "StageState",
     "Target",
     "decide",
+    "hourly_signals",
     "window_mean",
 ]
 
@@ -197,13 +208,19 @@ class ControlSnapshot:
     intensity_hourly_kg_per_kwh: tuple[float, ...] = ()
     """Expected intensity per hour: item ``i`` covers ``[hour_start + i h, hour_start + (i+1) h)``."""
     tariff_hourly_cny_per_kwh: tuple[float, ...] = ()
-    """Energy price per hour, same slots as the intensity."""
+    """Energy price per hour, same slots as the intensity (the site's table)."""
+    node_tariff_hourly_cny_per_kwh: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    """Nodes with their own tariff table, by node id; the others pay the site's."""
     operator_holds: Mapping[str, OperatorHold] = field(default_factory=dict)
     """Manual overrides and lockouts, by device id."""
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
             raise ValueError("snapshot now must be timezone-aware")
+
+    def tariffs_for(self, node: str) -> tuple[float, ...]:
+        """Return the hourly price a node pays (its own table, else the site's)."""
+        return self.node_tariff_hourly_cny_per_kwh.get(node, self.tariff_hourly_cny_per_kwh)
 
     @property
     def hour_start(self) -> datetime:
@@ -253,12 +270,30 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SizingState:
+    """How much a node's gap-sized rules are asked to avoid, and how it is split among them."""
+
+    need_kg_per_h: float = 0.0
+    """The reduction the forecast gap asked for when last sized."""
+    committed_kg_per_h: float = 0.0
+    """What the filled steps are expected to avoid (the need, or less when capacity runs out)."""
+    reflected_kg_per_h: float = 0.0
+    """The part of past commitments the forecast already shows (it learns controlled hours)."""
+    fills: Mapping[str, float] = field(default_factory=dict)
+    """By rule id: steps filled, ``1.5`` = the first step and half of the second."""
+    sized_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ControllerState:
     """What the controller remembers between cycles; :func:`decide` returns the next one."""
 
     stages: Mapping[str, StageState] = field(default_factory=dict)
     holds: Mapping[str, Hold] = field(default_factory=dict)
     """By point id; kept by the dispatcher, read here for the value an offset applies to."""
+    sizing: Mapping[str, SizingState] = field(default_factory=dict)
+    """By node id: the gap sizing of its rules with ``steps``."""
 
     def stage_of(self, node: str) -> StageState:
         """Return a node's stage (stage 0 when unknown)."""
@@ -385,6 +420,8 @@ Evaluator = Callable[[RuleConfig, RuleContext], Sequence[Target]]
 def _setpoint(rule: RuleConfig, ctx: RuleContext) -> list[Target]:
     assert isinstance(rule, SetpointRule | CurtailRule)
     params = rule.parameters
+    if params.steps:
+        return _sized(rule, params, ctx)
     out: list[Target] = []
     for target in rule.targets:
         if params.value is not None:
@@ -398,18 +435,117 @@ def _setpoint(rule: RuleConfig, ctx: RuleContext) -> list[Target]:
     return out
 
 
+def _sized(rule: SetpointRule | CurtailRule, params: SetpointParameters, ctx: RuleContext) -> list[Target]:
+    """Move each target as deep along the rule's steps as the node's sizing filled them."""
+    sizing = ctx.state.sizing.get(rule.node)
+    depth = sizing.fills.get(rule.id, 0.0) if sizing is not None else 0.0
+    if depth <= _TIE:
+        raise RuleSkipped("not needed: cheaper measures cover the forecast gap (or there is none)")
+    out: list[Target] = []
+    for target in rule.targets:
+        base = ctx.base_value(target)
+        value = _step_value(params, base, depth)
+        out.append(
+            Target(
+                point=PointId(target),
+                value=value,
+                what=f"{depth:.2f} of {len(params.steps)} steps: {base:g} -> {value:g}",
+            )
+        )
+    return out
+
+
+def _step_value(params: SetpointParameters, base: float, depth: float) -> float:
+    """Return the value ``depth`` steps deep from ``base``, interpolated within a step, rounded.
+
+    >>> from control_engine.control_config import SetpointParameters
+    >>> p = SetpointParameters(steps=({"value": 70, "reduction_kg_per_h": 50},
+    ...                               {"value": 40, "reduction_kg_per_h": 60}), resolution=1)
+    >>> _step_value(p, 100.0, 0.5), _step_value(p, 100.0, 1.5), _step_value(p, 100.0, 9)
+    (85.0, 55.0, 40.0)
+    """
+
+    def level(index: int) -> float:
+        if index == 0:
+            return base
+        step = params.steps[index - 1]
+        return step.value if step.value is not None else base + (step.offset or 0.0)
+
+    depth = min(max(depth, 0.0), float(len(params.steps)))
+    whole = min(int(depth), len(params.steps) - 1)
+    fraction = depth - whole
+    value = level(whole) + fraction * (level(whole + 1) - level(whole))
+    if params.resolution is not None:
+        value = round(value / params.resolution) * params.resolution
+        value = round(value, 9)  # 0.1 x 85 is not exactly 8.5 in binary
+    return value
+
+
+def _spread_ok(
+    params: StorageParameters,
+    intensity: float,
+    hourly: Sequence[float],
+    tariffs: Sequence[float],
+    *,
+    sign: float,
+) -> tuple[bool, str]:
+    """Return whether a cleaner (``sign`` +1) or dirtier (-1) hour lies ahead by enough, and why.
+
+    Either configured spread suffices; with none configured any intensity past the threshold does.
+    """
+    checks: list[bool] = []
+    notes: list[str] = []
+    if params.min_spread_kg_per_kwh > 0:
+        extreme = (min(hourly) if sign > 0 else max(hourly)) if hourly else None
+        if extreme is None:
+            checks.append(False)
+            notes.append("no intensity forecast")
+        else:
+            spread = sign * (intensity - extreme)
+            checks.append(spread >= params.min_spread_kg_per_kwh)
+            notes.append(f"intensity spread {spread:.3f}")
+    if params.min_spread_cny_per_kwh is not None:
+        if tariffs:
+            price_spread = sign * (tariffs[0] - (min(tariffs) if sign > 0 else max(tariffs)))
+            checks.append(price_spread >= params.min_spread_cny_per_kwh)
+            notes.append(f"price spread {price_spread:.3f}")
+        else:
+            checks.append(False)
+            notes.append("no tariff")
+    return (not checks or any(checks)), ", ".join(notes)
+
+
 def _storage(rule: RuleConfig, ctx: RuleContext) -> list[Target]:
+    """Battery by intensity, with a deadband: a cycle starts only on a spread and runs on hysteresis."""
     assert isinstance(rule, StorageRule)
     params = rule.parameters
-    intensity = ctx.snapshot.intensity_kg_per_kwh
+    snapshot = ctx.snapshot
+    intensity = snapshot.intensity_kg_per_kwh
     if intensity is None or not math.isfinite(intensity):
         raise RuleSkipped("grid carbon intensity unknown")
-    if intensity >= params.discharge_above_kg_per_kwh:
-        power_kw = params.discharge_kw
-        what = f"discharge {power_kw:g} kW at {intensity:.3f} kg/kWh"
+    current_kw = ctx.value(rule.targets[0])
+    horizon = params.spread_horizon_h
+    hourly = snapshot.intensity_hourly_kg_per_kwh[:horizon]
+    tariffs = snapshot.tariffs_for(rule.node)[:horizon]
+    hysteresis = params.hysteresis_kg_per_kwh
+
+    if current_kw > 0 and intensity >= params.discharge_above_kg_per_kwh - hysteresis:
+        power_kw, what = (
+            params.discharge_kw,
+            f"discharge {params.discharge_kw:g} kW on at {intensity:.3f} kg/kWh",
+        )
+    elif current_kw < 0 and intensity <= params.charge_below_kg_per_kwh + hysteresis:
+        power_kw, what = -params.charge_kw, f"charge {params.charge_kw:g} kW on at {intensity:.3f} kg/kWh"
+    elif intensity >= params.discharge_above_kg_per_kwh:
+        ok, note = _spread_ok(params, intensity, hourly, tariffs, sign=+1.0)
+        power_kw = params.discharge_kw if ok else 0.0
+        verb = f"discharge {power_kw:g} kW" if ok else "idle: spread too small to discharge"
+        what = f"{verb} at {intensity:.3f} kg/kWh" + (f" ({note})" if note else "")
     elif intensity <= params.charge_below_kg_per_kwh:
-        power_kw = -params.charge_kw
-        what = f"charge {params.charge_kw:g} kW at {intensity:.3f} kg/kWh"
+        ok, note = _spread_ok(params, intensity, hourly, tariffs, sign=-1.0)
+        power_kw = -params.charge_kw if ok else 0.0
+        verb = f"charge {params.charge_kw:g} kW" if ok else "idle: spread too small to charge"
+        what = f"{verb} at {intensity:.3f} kg/kWh" + (f" ({note})" if note else "")
     else:
         power_kw = 0.0
         what = f"idle at {intensity:.3f} kg/kWh"
@@ -553,17 +689,8 @@ def decide(
 ) -> Decision:
     """Run one control cycle: move stages, then collect the proposals of every active rule."""
     state = ControllerState() if state is None else state
-    stages = dict(state.stages)
-    transitions: list[StageChange] = []
-    skipped: list[Skip] = []
-    for node in _nodes(config, state):
-        change, note = _step_stage(node, snapshot, config, state.stage_of(node))
-        if change is not None:
-            transitions.append(change)
-            stages[node] = StageState(stage=change.to_stage, since=snapshot.now)
-        if note is not None:
-            skipped.append(Skip(rule_id="", node=NodeId(node), reason=note))
-    next_state = replace(state, stages=stages)
+    next_state, transitions, skipped = _advance(snapshot, config, state)
+    stages = next_state.stages
     ctx = RuleContext(snapshot=snapshot, config=config, state=next_state)
     proposals: list[Proposal] = []
     errors: list[RuleError] = []
@@ -619,6 +746,55 @@ def decide(
     )
 
 
+def _advance(
+    snapshot: ControlSnapshot, config: ControlConfig, state: ControllerState
+) -> tuple[ControllerState, list[StageChange], list[Skip]]:
+    """Move every node's stage and sizing one cycle on."""
+    stages = dict(state.stages)
+    sizing = dict(state.sizing)
+    transitions: list[StageChange] = []
+    skipped: list[Skip] = []
+    for node in _nodes(config, state):
+        current = state.stage_of(node)
+        budget, note = _usable_budget(node, snapshot, config, current)
+        previous = state.sizing.get(node)
+        need = _need_kg_per_h(budget, snapshot, config, previous) if budget is not None else None
+        change = None
+        if budget is not None and need is not None:
+            capacity = _capacity_kg_per_h(node, current.stage, snapshot, config)
+            lower = [s for s in _configured_stages(config, node) if s < current.stage]
+            below = _capacity_kg_per_h(node, lower[-1], snapshot, config) if lower else 0.0
+            change = _step_stage(
+                node,
+                budget,
+                snapshot,
+                config,
+                current,
+                covered=capacity >= need > 0,
+                needed=need > below and capacity > below,
+            )
+        if change is not None:
+            transitions.append(change)
+            stages[node] = StageState(stage=change.to_stage, since=snapshot.now)
+        if note is not None:
+            skipped.append(Skip(rule_id="", node=NodeId(node), reason=note))
+        sized = _size(
+            node,
+            stage=stages.get(node, StageState()).stage,
+            need=need,
+            snapshot=snapshot,
+            config=config,
+            previous=previous,
+            restage=change is not None,
+            hours_left=_hours_left(budget, config, snapshot.now) if budget is not None else None,
+            quota_kg=budget.quota_t * 1000.0 if budget is not None else None,
+        )
+        if sized is not None:
+            sizing[node] = sized
+    next_state = replace(state, stages=stages, sizing=sizing)
+    return next_state, transitions, skipped
+
+
 def _check_finite(targets: Iterable[Target]) -> None:
     for target in targets:
         if not math.isfinite(target.value):
@@ -634,10 +810,10 @@ def _configured_stages(config: ControlConfig, node: str) -> list[int]:
     return sorted({rule.stage for rule in config.rules if rule.node == node})
 
 
-def _step_stage(
+def _usable_budget(
     node: str, snapshot: ControlSnapshot, config: ControlConfig, current: StageState
-) -> tuple[StageChange | None, str | None]:
-    """Return the node's stage change this cycle (if any) and a note when it cannot be judged."""
+) -> tuple[NodeBudget | None, str | None]:
+    """Return the node's budget if it may be acted on, else None and why."""
     budget = snapshot.budgets.get(node)
     if budget is None:
         return None, f"no budget for {node}: stage {current.stage} kept"
@@ -647,21 +823,41 @@ def _step_stage(
             f"budget of {node} is stale ({age_s:.0f} s old, limit {config.budget_max_age_s:g} s): "
             f"stage {current.stage} kept"
         )
+    return budget, None
+
+
+def _step_stage(
+    node: str,
+    budget: NodeBudget,
+    snapshot: ControlSnapshot,
+    config: ControlConfig,
+    current: StageState,
+    *,
+    covered: bool = False,
+    needed: bool = False,
+) -> StageChange | None:
+    """Return the node's stage change this cycle, if any.
+
+    ``covered``: the gap-sized rules of the stages in force can avoid what the gap needs, so the
+    node does not escalate to dearer measures. ``needed``: the current stage's sized rules are still
+    part of what the sizing asks for (the forecast shows their effect), so a forecast below the exit
+    threshold does not drop them; the sizing itself lets go as the need falls.
+    """
     stages_cfg = config.stages
     share = budget.share_pct(stages_cfg.basis)
     dwelt = current.since is None or (snapshot.now - current.since).total_seconds() >= stages_cfg.min_dwell_s
     configured = _configured_stages(config, node)
     if share >= stages_cfg.enter_pct:
         higher = [s for s in configured if s > current.stage]
-        if higher and dwelt:
+        if higher and dwelt and not covered:
             return StageChange(
                 node=NodeId(node),
                 from_stage=current.stage,
                 to_stage=higher[0],
                 share_pct=share,
                 reason=f"forecast {share:.1f} % of quota >= {stages_cfg.enter_pct:g} %",
-            ), None
-    elif share < stages_cfg.exit_pct and current.stage > 0 and dwelt:
+            )
+    elif share < stages_cfg.exit_pct and current.stage > 0 and dwelt and not needed:
         lower = [s for s in configured if s < current.stage]
         return StageChange(
             node=NodeId(node),
@@ -669,8 +865,133 @@ def _step_stage(
             to_stage=lower[-1] if lower else 0,
             share_pct=share,
             reason=f"forecast {share:.1f} % of quota < {stages_cfg.exit_pct:g} %",
-        ), None
-    return None, None
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Gap sizing
+
+
+def _hours_left(budget: NodeBudget, config: ControlConfig, now: datetime) -> float:
+    """Return the hours from ``now`` to the end of the budget's month (at least one)."""
+    _start, end = month_bounds(budget.month, ZoneInfo(config.timezone))
+    return max(1.0, (end - now).total_seconds() / 3600.0)
+
+
+def _relaxed(previous: SizingState | None, now: datetime, lag_h: float) -> float:
+    """Return how much of the commitments so far the forecast reflects by ``now`` (first order)."""
+    if previous is None or previous.updated_at is None:
+        return 0.0
+    elapsed_h = max(0.0, (now - previous.updated_at).total_seconds() / 3600.0)
+    keep = math.exp(-elapsed_h / lag_h)
+    return previous.committed_kg_per_h + (previous.reflected_kg_per_h - previous.committed_kg_per_h) * keep
+
+
+def _need_kg_per_h(
+    budget: NodeBudget, snapshot: ControlSnapshot, config: ControlConfig, previous: SizingState | None
+) -> float:
+    """Return the reduction rate that brings the month-end forecast to the sizing target.
+
+    The forecast learns the controlled hours, so part of what is already avoided is in it (the
+    reflected part) and must be kept on top of what the gap asks for.
+    """
+    emitted_t = budget.share_pct(config.stages.basis) * budget.quota_t / 100.0
+    target_t = budget.quota_t * config.sizing.target_pct / 100.0
+    gap_kg = (emitted_t - target_t) * 1000.0
+    reflected = _relaxed(previous, snapshot.now, config.sizing.forecast_lag_h)
+    return max(0.0, gap_kg / _hours_left(budget, config, snapshot.now) + reflected)
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One step of one sized rule, priced: what it avoids per hour and at what cost per tCO2e."""
+
+    cost_cny_per_t: float
+    stage: int
+    rule_id: str
+    index: int
+    kg_per_h: float
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _segments(node: str, stage: int, snapshot: ControlSnapshot, config: ControlConfig) -> list[_Segment]:
+    """Return the steps of the node's sized rules of stages ``1..stage``, cheapest per tCO2e first."""
+    hourly = snapshot.intensity_hourly_kg_per_kwh[:24]
+    intensity = _mean(hourly) if hourly else snapshot.intensity_kg_per_kwh
+    if intensity is not None and not math.isfinite(intensity):
+        intensity = None
+    tariff = _mean(snapshot.tariffs_for(node)[:24]) or 0.0
+    out: list[_Segment] = []
+    for rule in config.rules:
+        if rule.node != node or rule.stage > stage or not isinstance(rule, SetpointRule | CurtailRule):
+            continue
+        running = -math.inf
+        for index, step in enumerate(rule.parameters.steps):
+            kg_per_h = step.reduction_kg_per_h + step.reduction_kw * (intensity or 0.0)
+            if kg_per_h <= 0:
+                break  # what this step avoids is unknown: no deeper step either
+            net_cny_per_h = step.cost_cny_per_h - step.reduction_kw * tariff
+            # A deeper step never goes before a shallower one of the same rule.
+            running = max(running, 1000.0 * net_cny_per_h / kg_per_h)
+            out.append(_Segment(running, rule.stage, rule.id, index, kg_per_h))
+    out.sort(key=lambda seg: (seg.cost_cny_per_t, seg.stage, seg.rule_id, seg.index))
+    return out
+
+
+def _capacity_kg_per_h(node: str, stage: int, snapshot: ControlSnapshot, config: ControlConfig) -> float:
+    """Return what the node's sized rules of stages ``1..stage`` can avoid at most (kg/h)."""
+    return sum(seg.kg_per_h for seg in _segments(node, stage, snapshot, config))
+
+
+def _size(
+    node: str,
+    *,
+    stage: int,
+    need: float | None,
+    snapshot: ControlSnapshot,
+    config: ControlConfig,
+    previous: SizingState | None,
+    restage: bool,
+    hours_left: float | None = None,
+    quota_kg: float | None = None,
+) -> SizingState | None:
+    """Return the node's next sizing: re-filled after a stage change, a dwell and a need that moved."""
+    now = snapshot.now
+    if need is None:
+        return previous  # no usable budget: hold what was decided
+    reflected = _relaxed(previous, now, config.sizing.forecast_lag_h)
+    if previous is not None and not restage and previous.sized_at is not None:
+        dwelt = (now - previous.sized_at).total_seconds() >= config.stages.min_dwell_s
+        moved_kg_per_h = abs(need - previous.need_kg_per_h)
+        band = config.sizing.deadband_pct / 100.0 * max(previous.need_kg_per_h, need)
+        effect_kg = moved_kg_per_h * (hours_left if hours_left is not None else math.inf)
+        small = effect_kg <= config.sizing.min_effect_pct / 100.0 * (quota_kg or 0.0)
+        if not dwelt or moved_kg_per_h <= band or small:
+            return replace(previous, reflected_kg_per_h=reflected, updated_at=now)
+    segments = _segments(node, stage, snapshot, config)
+    if not segments and (previous is None or not previous.fills):
+        return None if previous is None else replace(previous, reflected_kg_per_h=reflected, updated_at=now)
+    fills: dict[str, float] = {}
+    left = need
+    for seg in segments:
+        if left <= 0:
+            break
+        take = min(seg.kg_per_h, left)
+        fills[seg.rule_id] = seg.index + take / seg.kg_per_h
+        left -= take
+    return SizingState(
+        need_kg_per_h=need,
+        committed_kg_per_h=need - max(0.0, left),
+        reflected_kg_per_h=reflected,
+        fills=fills,
+        sized_at=now,
+        updated_at=now,
+    )
 
 
 def _proposals(
@@ -701,3 +1022,64 @@ def _proposals(
         )
         for target in targets
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hourly signals
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HourlySignals:
+    """Intensity and tariffs for the snapshot, from ``now``'s hour on (slot 0 holds ``now``)."""
+
+    intensity_kg_per_kwh: float | None
+    intensity_hourly_kg_per_kwh: tuple[float, ...]
+    tariff_hourly_cny_per_kwh: tuple[float, ...]
+    node_tariff_hourly_cny_per_kwh: Mapping[str, tuple[float, ...]]
+
+
+def hourly_signals(
+    config: ControlConfig, now: datetime, factor_kg_per_kwh: float | None, *, hours: int = 24
+) -> HourlySignals:
+    """Return the intensity and tariff vectors of the next ``hours`` hours from the config.
+
+    Intensity: the config's profile for the local month and hour, else the grid factor in force
+    (``factor_kg_per_kwh``; None when unknown: then the hours without a profile are left out and
+    the vector ends there). Tariffs: the config's periods (site and per node); empty without any.
+
+    >>> from datetime import UTC, datetime
+    >>> from control_engine.control_config import parse_control
+    >>> cfg = parse_control({"timezone": "UTC", "intensity": {"hourly_kg_per_kwh": [0.6] * 12 + [0.3] * 12},
+    ...     "tariffs": {"periods": [{"start_hour": 0, "end_hour": 8, "cny_per_kwh": 0.3},
+    ...                             {"start_hour": 8, "end_hour": 24, "cny_per_kwh": 0.9}]}})
+    >>> sig = hourly_signals(cfg, datetime(2026, 7, 1, 11, 30, tzinfo=UTC), 0.5366, hours=3)
+    >>> sig.intensity_kg_per_kwh, sig.intensity_hourly_kg_per_kwh, sig.tariff_hourly_cny_per_kwh
+    (0.6, (0.6, 0.3, 0.3), (0.9, 0.9, 0.9))
+    >>> flat = hourly_signals(parse_control({}), datetime(2026, 7, 1, tzinfo=UTC), 0.5366, hours=2)
+    >>> flat.intensity_hourly_kg_per_kwh, flat.tariff_hourly_cny_per_kwh
+    ((0.5366, 0.5366), ())
+    """
+    zone = ZoneInfo(config.timezone)
+    start = now.replace(minute=0, second=0, microsecond=0)
+    local_hours = [(start + i * HOUR).astimezone(zone) for i in range(hours)]
+    intensity: list[float] = []
+    for local in local_hours:
+        profiled = config.intensity.at(local.month, local.hour) if config.intensity is not None else None
+        value = profiled if profiled is not None else factor_kg_per_kwh
+        if value is None:
+            break
+        intensity.append(value)
+    tariffs = config.tariffs
+    site: tuple[float, ...] = ()
+    by_node: dict[str, tuple[float, ...]] = {}
+    if tariffs is not None:
+        site = tuple(tariffs.price(local.hour) for local in local_hours)
+        by_node = {
+            node: tuple(tariffs.price(local.hour, node) for local in local_hours) for node in tariffs.nodes
+        }
+    return HourlySignals(
+        intensity_kg_per_kwh=intensity[0] if intensity else factor_kg_per_kwh,
+        intensity_hourly_kg_per_kwh=tuple(intensity),
+        tariff_hourly_cny_per_kwh=site,
+        node_tariff_hourly_cny_per_kwh=by_node,
+    )

@@ -36,13 +36,13 @@ from anomaly.alarm_model import AlarmEvent, AlarmPriority
 from anomaly.alarms import AlarmEngine
 from anomaly.service import AlarmStore, AnomalyService, energy_message
 from control_engine.carbon import CarbonQueries, CarbonService, CarbonStore
-from control_engine.controller import ControlService, dispatch_modes
+from control_engine.controller import ControllerStateStore, ControlService, dispatch_modes
 from control_engine.dispatcher import CommandSender, Dispatch, Dispatcher, DispatchStore
 from control_engine.forecast import MonthForecaster, month_key
 from control_engine.ledger import CarbonLedger, Restatement
 from control_engine.notify import Notification, Notifier, Severity
 from control_engine.quota import QuotaAlerts
-from control_engine.rules import NodeBudget, PointState
+from control_engine.rules import NodeBudget, PointState, hourly_signals
 from control_engine.verify_service import ENTRY_KIND, VerificationService, VerificationStore
 from protocols.openadr.store import PostgresVtnStateStore
 from scada.alarm_setup import alarm_definitions, monitored_points
@@ -703,7 +703,7 @@ async def _lead(app: web.Application, fence: int) -> None:
         dispatcher = app[PLANT].leader_dispatcher = _new_dispatcher(app, fence=fence)
         supervisor.spawn(dispatcher.run(), name="dispatcher")
         supervisor.spawn(_verifier(app).run(), name="verifier")
-        controller = _controller(app, dispatcher)
+        controller = _controller(app, dispatcher, fence=fence)
         if controller is not None:
             supervisor.spawn(controller.run(), name="controller")
         await asyncio.Event().wait()  # until the lease ends
@@ -741,7 +741,7 @@ def _verifier(app: web.Application) -> VerificationService:
     )
 
 
-def _controller(app: web.Application, dispatcher: Dispatcher) -> ControlService | None:
+def _controller(app: web.Application, dispatcher: Dispatcher, *, fence: int) -> ControlService | None:
     """Return the carbon-budget controller of the site's ``control:`` section (None without one)."""
     clock, plant, store, audit = app[_CLOCK], app[PLANT], app[STORE], app[AUTH].audit
     site = app[CATALOG].site
@@ -798,9 +798,11 @@ def _controller(app: web.Application, dispatcher: Dispatcher) -> ControlService 
         return out
 
     def intensity() -> tuple[float | None, tuple[float, ...]]:
-        # The grid factor in force for every coming hour: no intensity forecast yet (docs/control.md).
-        value = factors.in_force(Carrier.ELECTRICITY, clock.now(), site.carbon.grid_region).value
-        return value, (value,) * 24
+        # The config's hourly profile where it has one, else the grid factor in force (docs/control.md).
+        now = clock.now()
+        factor = factors.in_force(Carrier.ELECTRICITY, now, site.carbon.grid_region).value
+        signals = hourly_signals(control, now, factor)
+        return signals.intensity_kg_per_kwh, signals.intensity_hourly_kg_per_kwh
 
     async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
         await audit.append(actor=actor, action=action, target=target, detail=detail)
@@ -814,6 +816,9 @@ def _controller(app: web.Application, dispatcher: Dispatcher) -> ControlService 
         watched=_watched_points(control.model_dump(mode="json"), catalog),
         clock=clock,
         audit=note,
+        # Stages and sizing survive a restart or a change of leader; a deposed leader cannot save.
+        state_store=ControllerStateStore(app[_POOL], timeout_s=app[SETTINGS].service_timeout_s),
+        fencing_token=lambda: fence,
     )
 
 

@@ -4,7 +4,9 @@ modes, and config validation naming the field."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import math
 import random
 import re
 import time
@@ -24,9 +26,11 @@ from control_engine.rules import (
     NodeBudget,
     PointState,
     RuleContext,
+    SizingState,
     StageState,
     Target,
     decide,
+    hourly_signals,
 )
 from scada.config import load_site
 from scada.model import ConfigError, NodeId, PointId, QualityCode
@@ -506,6 +510,11 @@ def test_decide_is_deterministic() -> None:
 # Config validation
 
 
+TARIFF_NIGHT = {"start_hour": 0, "end_hour": 8, "cny_per_kwh": 0.3}
+TARIFF_DAY = {"start_hour": 8, "end_hour": 24, "cny_per_kwh": 0.9}
+TARIFF_ALL = {"start_hour": 0, "end_hour": 24, "cny_per_kwh": 0.5}
+
+
 def _rule(index: int, **changes: Any) -> dict[str, Any]:
     raw = copy.deepcopy(RAW)
     raw["rules"][index].update(changes)
@@ -529,7 +538,8 @@ def _rule(index: int, **changes: Any) -> dict[str, Any]:
         (_rule(0, stage=5), "control.rules[0] (dim-assembly).stage: Input should be less than or equal to 4"),
         (
             _rule(0, parameters={"value": 60, "offset": 1}),
-            "control.rules[0] (dim-assembly).parameters: give exactly one of value (absolute) or offset",
+            "control.rules[0] (dim-assembly).parameters: give exactly one of value (absolute), offset (relative)"
+            " or steps (gap-sized)",
         ),
         (_rule(0, priority="urgent"), "control.rules[0] (dim-assembly).priority: unknown priority 'urgent'"),
         (_rule(0, kind="dim"), "control.rules[0] (dim-assembly): Input tag 'dim' found using 'kind'"),
@@ -577,6 +587,61 @@ def _rule(index: int, **changes: Any) -> dict[str, Any]:
             f"control.interlocks.{BATTERY}.soc.point: unknown point 'a-battery-1.soc'",
         ),
         ({**RAW, "timezone": "Mars/Olympus"}, "control.timezone: unknown time zone 'Mars/Olympus'"),
+        (
+            {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, {**TARIFF_DAY, "start_hour": 9}]}},
+            "control.tariffs.periods: hours 8-9 have no price: the periods must cover 0-24",
+        ),
+        (
+            {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, {**TARIFF_DAY, "start_hour": 6}]}},
+            "control.tariffs.periods: periods [0] and [1] overlap at hour 6",
+        ),
+        (
+            {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, {**TARIFF_DAY, "cny_per_kwh": -1}]}},
+            "control.tariffs.periods[1].cny_per_kwh: Input should be greater than or equal to 0",
+        ),
+        (
+            {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, TARIFF_DAY], "nodes": {"ent-q": [TARIFF_ALL]}}},
+            "control.tariffs.nodes.ent-q: unknown node 'ent-q'",
+        ),
+        (
+            {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, TARIFF_DAY], "nodes": {"ent-a": [TARIFF_NIGHT]}}},
+            "control.tariffs.nodes.ent-a: hours 8-24 have no price",
+        ),
+        (
+            {**RAW, "intensity": {"hourly_kg_per_kwh": [0.5] * 23}},
+            "control.intensity.hourly_kg_per_kwh: List should have at least 24 items",
+        ),
+        (
+            {**RAW, "intensity": {"monthly_kg_per_kwh": {"13": [0.5] * 24}}},
+            "control.intensity.monthly_kg_per_kwh.13.[key]: Input should be less than or equal to 12",
+        ),
+        (
+            _rule(0, parameters={"steps": [{"value": 60}]}),
+            "control.rules[0] (dim-assembly).parameters.steps[0]: a step must avoid something",
+        ),
+        (
+            _rule(
+                0, parameters={"steps": [{"value": 60, "reduction_kw": 1}, {"offset": -5, "reduction_kw": 1}]}
+            ),
+            "control.rules[0] (dim-assembly).parameters: steps must be all absolute (value) or all",
+        ),
+        (
+            _rule(
+                2,
+                parameters={
+                    "discharge_kw": 1,
+                    "charge_kw": 1,
+                    "discharge_above_kg_per_kwh": 0.6,
+                    "charge_below_kg_per_kwh": 0.4,
+                    "hysteresis_kg_per_kwh": 0.1,
+                },
+            ),
+            "control.rules[2] (battery).parameters: hysteresis_kg_per_kwh (0.1) must be below half",
+        ),
+        (
+            {**RAW, "sizing": {"target_pct": 120}},
+            "control.sizing.target_pct: Input should be less than or equal to 100",
+        ),
         ({**RAW, "surprise": 1}, "control.surprise: Extra inputs are not permitted"),
     ],
 )
@@ -620,3 +685,370 @@ def test_the_test_config_and_the_documented_example_fit_the_example_plant(
     config = parse_for_plant(yaml.safe_load(block)["control"], plant_ids, source="docs/control.md")
     assert isinstance(config, ControlConfig)
     assert {r.stage for r in config.rules} == {1, 2, 3, 4}
+
+
+# ------------------------------------------------------------------------------------------------
+# Gap sizing: cheapest tCO2e first, in proportion to the forecast gap
+
+LIGHT, CAP, FAN = (
+    "a-assembly-lighting.dim_level_pct",
+    "b-steam-boiler.heat_setpoint_pct",
+    "a-chiller-2.fan_pct",
+)
+HOURS_LEFT = 546.0  # from 06:00 on 9 March to the end of March, Shanghai
+SIZED_RAW: dict[str, Any] = {
+    "timezone": "Asia/Shanghai",
+    "stages": {"enter_pct": 100, "exit_pct": 97, "min_dwell_s": 600},
+    "sizing": {"target_pct": 99, "forecast_lag_h": 72, "deadband_pct": 5},
+    "nodes": {"ent-a": {"mode": "auto"}},
+    "rules": [
+        {  # 2 kW x 0.5 kg/kWh = 1 kg/h for 1 CNY/h: 1000 CNY/t
+            "id": "dim",
+            "stage": 1,
+            "node": "ent-a",
+            "kind": "setpoint",
+            "targets": [LIGHT],
+            "parameters": {"resolution": 1, "steps": [{"value": 60, "reduction_kw": 2, "cost_cny_per_h": 1}]},
+        },
+        {  # 2250 CNY/t, then 4500 CNY/t
+            "id": "cap",
+            "stage": 1,
+            "node": "ent-a",
+            "kind": "setpoint",
+            "targets": [CAP],
+            "parameters": {
+                "resolution": 1,
+                "steps": [
+                    {"value": 70, "reduction_kg_per_h": 40, "cost_cny_per_h": 90},
+                    {"value": 40, "reduction_kg_per_h": 60, "cost_cny_per_h": 270},
+                ],
+            },
+        },
+        {
+            "id": "more",
+            "stage": 2,
+            "node": "ent-a",
+            "kind": "setpoint",
+            "targets": [FAN],
+            "parameters": {"value": 50},
+        },
+    ],
+    "interlocks": {LIGHT: {"min": 30, "max": 100}, CAP: {"min": 40, "max": 100}, FAN: {"min": 0, "max": 100}},
+}
+SIZED = parse_control(SIZED_RAW)
+
+
+def sized_snapshot(
+    need_kg_per_h: float, *, now: datetime = NOW, tariffs: tuple[float, ...] = ()
+) -> ControlSnapshot:
+    """A snapshot whose forecast gap asks for ``need_kg_per_h`` over the hours left in March."""
+    forecast_t = 198.0 + need_kg_per_h * HOURS_LEFT / 1000.0
+    pts = {
+        p: PointState(point=PointId(p), value=100.0, quality=QualityCode.GOOD, ts=now, writable=True)
+        for p in (LIGHT, CAP, FAN)
+    }
+    return ControlSnapshot(
+        now=now,
+        budgets={
+            "ent-a": NodeBudget(
+                node=NodeId("ent-a"),
+                month="2026-03",
+                quota_t=200.0,
+                actual_t=60.0,
+                forecast_t=forecast_t,
+                computed_at=now,
+            )
+        },
+        points=pts,
+        intensity_kg_per_kwh=0.5,
+        intensity_hourly_kg_per_kwh=(0.5,) * 24,
+        tariff_hourly_cny_per_kwh=tariffs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("need_kg_per_h", "fills", "values"),
+    [
+        (0.0, {}, {}),  # on target: nothing to do, the rules stand aside (their holds lapse)
+        (0.5, {"dim": 0.5}, {LIGHT: 80.0}),  # half the cheapest step: halfway to 60 %
+        (1.0, {"dim": 1.0}, {LIGHT: 60.0}),
+        (21.0, {"dim": 1.0, "cap": 0.5}, {LIGHT: 60.0, CAP: 85.0}),  # then the boiler's first step
+        (71.0, {"dim": 1.0, "cap": 1.5}, {LIGHT: 60.0, CAP: 55.0}),  # and half of its dearer second
+        (500.0, {"dim": 1.0, "cap": 2.0}, {LIGHT: 60.0, CAP: 40.0}),  # beyond capacity: everything
+    ],
+)
+def test_gap_sized_rules_fill_the_cheapest_steps_first(
+    need_kg_per_h: float, fills: dict[str, float], values: dict[str, float]
+) -> None:
+    state = ControllerState(stages={"ent-a": StageState(stage=1, since=NOW - timedelta(seconds=60))})
+    decision = decide(sized_snapshot(need_kg_per_h), SIZED, state)
+    sizing = decision.state.sizing["ent-a"]
+    assert sizing.need_kg_per_h == pytest.approx(need_kg_per_h, abs=1e-6)
+    assert sizing.fills == pytest.approx(fills)
+    assert sizing.committed_kg_per_h == pytest.approx(min(need_kg_per_h, 101.0), abs=1e-6)
+    assert by_point(decision) == values
+    if not values:
+        assert {s.rule_id for s in decision.skipped} >= {"dim", "cap"}
+
+
+@pytest.mark.parametrize(
+    ("tariffs", "first"),
+    [
+        ((), "cap"),  # 10 kW x 0.5 = 5 kg/h for 30 CNY/h: 6000 CNY/t, dearer than the boiler's 5000
+        ((1.0,) * 24, "fan"),  # 10 kWh/h not bought at 1 CNY: 20 CNY/h net, 4000 CNY/t
+    ],
+)
+def test_tariffs_enter_the_cost_per_tonne(tariffs: tuple[float, ...], first: str) -> None:
+    raw = copy.deepcopy(SIZED_RAW)
+    raw["rules"] = [
+        {
+            "id": "fan",
+            "stage": 1,
+            "node": "ent-a",
+            "kind": "setpoint",
+            "targets": [FAN],
+            "parameters": {"steps": [{"value": 50, "reduction_kw": 10, "cost_cny_per_h": 30}]},
+        },
+        {
+            "id": "cap",
+            "stage": 1,
+            "node": "ent-a",
+            "kind": "setpoint",
+            "targets": [CAP],
+            "parameters": {"steps": [{"value": 70, "reduction_kg_per_h": 40, "cost_cny_per_h": 200}]},
+        },
+    ]
+    state = ControllerState(stages={"ent-a": StageState(stage=1, since=NOW - timedelta(seconds=60))})
+    decision = decide(sized_snapshot(2.0, tariffs=tariffs), parse_control(raw), state)
+    assert list(decision.state.sizing["ent-a"].fills) == [first]
+
+
+def test_sizing_holds_through_the_dwell_and_the_deadband() -> None:
+    state = ControllerState(stages={"ent-a": StageState(stage=1, since=NOW - timedelta(hours=2))})
+    first = decide(sized_snapshot(21.0), SIZED, state)
+    assert first.state.sizing["ent-a"].fills == pytest.approx({"dim": 1.0, "cap": 0.5})
+    soon = NOW + timedelta(seconds=300)  # within the 600 s dwell: a larger gap waits
+    held = decide(sized_snapshot(41.0, now=soon), SIZED, first.state)
+    assert held.state.sizing["ent-a"].fills == first.state.sizing["ent-a"].fills
+    assert by_point(held)[CAP] == 85.0
+    later = NOW + timedelta(seconds=900)  # dwell done, but within 5 % of the sized need: hold
+    near = decide(sized_snapshot(21.5, now=later), SIZED, held.state)
+    assert near.state.sizing["ent-a"].sized_at == NOW
+    moved = decide(sized_snapshot(41.0, now=later), SIZED, held.state)
+    assert moved.state.sizing["ent-a"].sized_at == later
+    assert by_point(moved)[CAP] == 70.0
+
+
+def test_the_forecast_is_credited_with_the_reduction_it_already_reflects() -> None:
+    state = ControllerState(stages={"ent-a": StageState(stage=1, since=NOW - timedelta(hours=2))})
+    first = decide(sized_snapshot(41.0), SIZED, state).state
+    # Three days on the forecast shows most of the 41 kg/h (1 - e^-1 of it): the gap is smaller now,
+    # but the need stays at what is in force plus what is still missing.
+    later = NOW + timedelta(hours=72)
+    forecast_gap = 41.0 * math.exp(-1.0)
+    decision = decide(sized_snapshot(forecast_gap, now=later), SIZED, first)
+    sizing = decision.state.sizing["ent-a"]
+    assert sizing.reflected_kg_per_h == pytest.approx(41.0 * (1 - math.exp(-1.0)))
+    hours_left = HOURS_LEFT - 72.0
+    expected = forecast_gap * HOURS_LEFT / hours_left + 41.0 * (1 - math.exp(-1.0))
+    assert sizing.need_kg_per_h == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("need_kg_per_h", "stage"),
+    [
+        (50.0, 1),  # stage 1's sized rules avoid up to 101 kg/h: no need for the dearer stage 2
+        (150.0, 2),  # beyond what stage 1 can do: escalate
+    ],
+)
+def test_a_node_escalates_only_when_its_sized_rules_cannot_cover_the_gap(
+    need_kg_per_h: float, stage: int
+) -> None:
+    state = ControllerState(stages={"ent-a": StageState(stage=1, since=NOW - timedelta(hours=2))})
+    decision = decide(sized_snapshot(need_kg_per_h), SIZED, state)
+    assert decision.state.stage_of("ent-a").stage == stage
+
+
+# ------------------------------------------------------------------------------------------------
+# Storage deadband
+
+DEADBAND = {"hysteresis_kg_per_kwh": 0.05, "min_spread_kg_per_kwh": 0.1, "spread_horizon_h": 6}
+
+
+def _battery_config(**parameters: Any) -> ControlConfig:
+    raw = copy.deepcopy(RAW)
+    raw["rules"][2]["parameters"].update(parameters)
+    return parse_control(raw)
+
+
+@pytest.mark.parametrize(
+    ("current_kw", "intensity", "hourly", "extra", "expected_kw"),
+    [
+        (0.0, 0.65, (0.65, 0.6, 0.4), {}, 200.0),  # dirty now, 0.25 cleaner ahead: discharge
+        (0.0, 0.65, (0.65, 0.62, 0.6), {}, 0.0),  # nothing cleaner ahead: a cycle would not pay
+        (200.0, 0.57, (0.57,), {}, 200.0),  # discharging: on down to 0.6 - 0.05
+        (200.0, 0.54, (0.54,), {}, 0.0),
+        (0.0, 0.25, (0.25, 0.5), {}, -150.0),  # clean now, dirtier ahead: charge
+        (0.0, 0.25, (0.25, 0.3), {}, 0.0),
+        (-150.0, 0.34, (0.34,), {}, -150.0),  # charging: on up to 0.3 + 0.05
+        (-150.0, 0.36, (0.36,), {}, 0.0),
+        (0.0, 0.65, (), {}, 0.0),  # no forecast: the spread cannot be judged
+        # The price spread suffices on its own: 1.1 now against 0.3 later.
+        (0.0, 0.65, (0.65, 0.62), {"min_spread_cny_per_kwh": 0.5}, 200.0),
+    ],
+)
+def test_storage_deadband(
+    current_kw: float,
+    intensity: float,
+    hourly: tuple[float, ...],
+    extra: dict[str, Any],
+    expected_kw: float,
+) -> None:
+    config = _battery_config(**DEADBAND, **extra)
+    snap = ControlSnapshot(
+        now=NOW,
+        budgets={"ent-a": budget("ent-a", 220)},
+        points=points(**{BATTERY.replace(".", "__"): current_kw}),
+        intensity_kg_per_kwh=intensity,
+        intensity_hourly_kg_per_kwh=hourly,
+        tariff_hourly_cny_per_kwh=(1.1, 1.1, 0.3),
+    )
+    decision = decide(snap, config, at_stage(2, ago_s=60))
+    assert by_point(decision)[BATTERY] == expected_kw
+
+
+@pytest.mark.parametrize(("deadband", "max_flips"), [({}, None), (DEADBAND, 0)])
+def test_the_deadband_stops_flip_flopping_around_a_threshold(
+    deadband: dict[str, Any], max_flips: int | None
+) -> None:
+    config = _battery_config(**deadband)
+    rng = random.Random(3)
+    current, changes = 0.0, 0
+    for minute in range(0, 600, 15):
+        now = NOW + timedelta(minutes=minute)
+        intensity = 0.6 + rng.uniform(-0.03, 0.03)  # clouds over the PV: the signal hovers at 0.6
+        snap = ControlSnapshot(
+            now=now,
+            budgets={"ent-a": budget("ent-a", 220)},
+            points={
+                point: dataclasses.replace(state, ts=now)  # fresh at every cycle
+                for point, state in points(**{BATTERY.replace(".", "__"): current}).items()
+            },
+            intensity_kg_per_kwh=intensity,
+            intensity_hourly_kg_per_kwh=(intensity, 0.3),
+        )
+        proposed = by_point(decide(snap, config, at_stage(2, ago_s=60)))[BATTERY]
+        changes += proposed != current
+        current = proposed
+    if max_flips is None:
+        assert changes > 5  # without a deadband the battery follows every cloud
+    else:
+        assert changes <= 1 + max_flips  # one start, then it holds
+
+
+# ------------------------------------------------------------------------------------------------
+# Hourly signals from the config
+
+
+@pytest.mark.parametrize(
+    ("intensity", "factor", "expected"),
+    [
+        (None, 0.5366, (0.5366,) * 3),  # no profile: the grid factor in force, every hour
+        ({"hourly_kg_per_kwh": [0.6] * 12 + [0.3] * 12}, 0.5366, (0.3, 0.3, 0.3)),  # 13-15 h Shanghai
+        (
+            {"hourly_kg_per_kwh": [0.6] * 24, "monthly_kg_per_kwh": {"3": [0.4] * 14 + [0.2] * 10}},
+            0.5366,
+            (0.4, 0.2, 0.2),  # March's own profile first
+        ),
+        (None, None, ()),  # nothing known: no vector at all
+    ],
+)
+def test_hourly_signals(
+    intensity: dict[str, Any] | None, factor: float | None, expected: tuple[float, ...]
+) -> None:
+    raw: dict[str, Any] = {
+        "tariffs": {
+            "periods": [TARIFF_NIGHT, TARIFF_DAY],
+            "nodes": {"ent-b": [TARIFF_ALL]},
+        }
+    }
+    if intensity is not None:
+        raw["intensity"] = intensity
+    config = parse_control(raw)
+    now = datetime(2026, 3, 9, 5, 40, tzinfo=UTC)  # 13:40 in Shanghai
+    signals = hourly_signals(config, now, factor, hours=3)
+    assert signals.intensity_hourly_kg_per_kwh == expected
+    assert signals.intensity_kg_per_kwh == (expected[0] if expected else factor)
+    assert signals.tariff_hourly_cny_per_kwh == (0.9, 0.9, 0.9)
+    assert signals.node_tariff_hourly_cny_per_kwh == {"ent-b": (0.5, 0.5, 0.5)}
+    snap = ControlSnapshot(
+        now=now,
+        tariff_hourly_cny_per_kwh=signals.tariff_hourly_cny_per_kwh,
+        node_tariff_hourly_cny_per_kwh=signals.node_tariff_hourly_cny_per_kwh,
+    )
+    assert snap.tariffs_for("ent-b") == (0.5, 0.5, 0.5)
+    assert snap.tariffs_for("ent-a") == (0.9, 0.9, 0.9)
+
+
+def test_tariffs_follow_the_local_day() -> None:
+    config = parse_control({"tariffs": {"periods": [TARIFF_NIGHT, TARIFF_DAY]}})
+    # 23:00 UTC is 07:00 in Shanghai: one valley hour, then the day price.
+    signals = hourly_signals(config, datetime(2026, 3, 8, 23, 10, tzinfo=UTC), 0.5, hours=3)
+    assert signals.tariff_hourly_cny_per_kwh == (0.3, 0.9, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("reflected_kg_per_h", "stage"),
+    [
+        (41.0, 1),  # the forecast at 96 % shows 41 kg/h avoided: dropping them would break the budget
+        (5.0, 0),  # little of it is ours: below the exit threshold, step down
+    ],
+)
+def test_a_stage_whose_sized_rules_are_still_needed_is_kept(reflected_kg_per_h: float, stage: int) -> None:
+    now = NOW
+    sizing = SizingState(
+        need_kg_per_h=reflected_kg_per_h,
+        committed_kg_per_h=reflected_kg_per_h,
+        reflected_kg_per_h=reflected_kg_per_h,
+        fills={"dim": 1.0, "cap": 1.0},
+        sized_at=now - timedelta(hours=1),
+        updated_at=now,
+    )
+    state = ControllerState(
+        stages={"ent-a": StageState(stage=1, since=now - timedelta(hours=2))}, sizing={"ent-a": sizing}
+    )
+    snap = sized_snapshot((192.0 - 198.0) * 1000.0 / HOURS_LEFT)  # forecast 192 t: 96 % of the quota
+    decision = decide(snap, SIZED, state)
+    assert decision.state.stage_of("ent-a").stage == stage
+
+
+@pytest.mark.parametrize(
+    ("hours_before_end", "resized"),
+    [
+        (6.0, False),  # 19 kg/h more for 6 h moves the month by 114 kg, under 0.1 % of 200 t: hold
+        (48.0, True),  # for 48 h it is 912 kg: re-size
+    ],
+)
+def test_late_in_the_month_small_effects_do_not_resize(hours_before_end: float, resized: bool) -> None:
+    month_end = datetime(2026, 3, 31, 16, 0, tzinfo=UTC)  # 1 April 00:00 in Shanghai
+    now = month_end - timedelta(hours=hours_before_end)
+    previous = SizingState(
+        need_kg_per_h=41.0,
+        committed_kg_per_h=41.0,
+        reflected_kg_per_h=41.0,
+        fills={"dim": 1.0, "cap": 1.0},
+        sized_at=now - timedelta(hours=1),
+        updated_at=now,
+    )
+    state = ControllerState(
+        stages={"ent-a": StageState(stage=1, since=now - timedelta(days=5))}, sizing={"ent-a": previous}
+    )
+    snap = sized_snapshot(0.0, now=now)
+    gap_kg_per_h = 60.0 - 41.0  # with the 41 kg/h reflected, the need is 60 kg/h
+    budget = dataclasses.replace(
+        snap.budgets["ent-a"], forecast_t=198.0 + gap_kg_per_h * hours_before_end / 1000.0
+    )
+    snap = dataclasses.replace(snap, budgets={"ent-a": budget})
+    sizing = decide(snap, SIZED, state).state.sizing["ent-a"]
+    assert (sizing.sized_at == now) is resized
+    assert sizing.need_kg_per_h == (pytest.approx(60.0) if resized else 41.0)
