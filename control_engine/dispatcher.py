@@ -312,6 +312,7 @@ class Dispatcher:
         self._send_wait_s = send_wait_s
         self._active = active
         self._outcome_hook = outcome
+        self._executing: set[int] = set()
         self._heartbeat = 0
 
     @property
@@ -391,6 +392,18 @@ class Dispatcher:
         return DispatchError(f"cannot {action} dispatch {dispatch_id} in state {current.state.value}")
 
     async def _execute(self, dispatch: Dispatch) -> Dispatch:
+        if dispatch.id in self._executing:
+            # Another task of this dispatcher carries it out (submit() and run()'s pick-up of approved
+            # dispatches can meet on a fresh one): the store's state change sends it only once, and
+            # this caller waits for that outcome instead of answering "sending".
+            return await self._outcome(dispatch)
+        self._executing.add(dispatch.id)
+        try:
+            return await self._execute_once(dispatch)
+        finally:
+            self._executing.discard(dispatch.id)
+
+    async def _execute_once(self, dispatch: Dispatch) -> Dispatch:
         previous = await self._latest(dispatch.point) if dispatch.hold_until is not None else None
         sending = await self._store.transition(
             dispatch.id, [DispatchState.APPROVED], DispatchState.SENDING, previous_value=previous
