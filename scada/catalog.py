@@ -205,7 +205,14 @@ class CatalogSyncReport:
     retired_points: int
 
 
-async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyncReport:
+CATALOG_SYNC_TIMEOUT_S = 120.0
+"""Per statement of the start-up catalog sync: a site of 50,000 points upserts in seconds, more on a
+loaded database, and every process does it at start, so the API's short service timeout does not fit."""
+
+
+async def sync_catalog(
+    conn: asyncpg.Connection, site: SiteConfig, *, timeout_s: float = CATALOG_SYNC_TIMEOUT_S
+) -> CatalogSyncReport:
     """Upsert the site's hierarchy, devices and points; retire rows the site no longer lists."""
     nodes = [(n.id, n.name, n.level.value, parent) for n, parent in site.iter_nodes()]
     devices = [
@@ -242,6 +249,7 @@ async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyn
                ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, level = EXCLUDED.level,
                                               parent = EXCLUDED.parent""",
             nodes,
+            timeout=timeout_s,
         )
         await conn.executemany(
             """INSERT INTO devices (id, node_id, name, kind, protocol, config, retired_at)
@@ -250,6 +258,7 @@ async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyn
                    kind = EXCLUDED.kind, protocol = EXCLUDED.protocol, config = EXCLUDED.config,
                    retired_at = NULL""",
             devices,
+            timeout=timeout_s,
         )
         await conn.executemany(
             """INSERT INTO points (point_id, device_id, key, name, kind, unit, carrier, writable,
@@ -261,18 +270,21 @@ async def sync_catalog(conn: asyncpg.Connection, site: SiteConfig) -> CatalogSyn
                    retention = EXCLUDED.retention, counter_wrap = EXCLUDED.counter_wrap,
                    retired_at = NULL""",
             points,
+            timeout=timeout_s,
         )
         retired_points = await conn.fetchval(
             """WITH r AS (UPDATE points SET retired_at = now()
                           WHERE retired_at IS NULL AND NOT (point_id = ANY($1::text[])) RETURNING 1)
                SELECT count(*) FROM r""",
             [p[0] for p in points],
+            timeout=timeout_s,
         )
         retired_devices = await conn.fetchval(
             """WITH r AS (UPDATE devices SET retired_at = now()
                           WHERE retired_at IS NULL AND NOT (id = ANY($1::text[])) RETURNING 1)
                SELECT count(*) FROM r""",
             [d[0] for d in devices],
+            timeout=timeout_s,
         )
     report = CatalogSyncReport(len(nodes), len(devices), len(points), retired_devices, retired_points)
     _LOGGER.info(
