@@ -44,10 +44,8 @@ import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -59,17 +57,25 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+
+sys.path.extend(str(Path(__file__).resolve().parents[1] / sub) for sub in ("tests", "tests/streams"))
+import _fault_helpers
+from _fault_helpers import (
+    _AS_POSTGRES,
+    SCADA,
+    free_port,
+    initdb_command,
+    pg_ctl_start_command,
+    pg_ctl_stop_command,
+    private_dir,
+)
 
 _LOGGER = logging.getLogger("chaos")
 
 REPO: Final = Path(__file__).resolve().parents[1]
 PYTHON: Final = sys.executable
-SCADA: Final = str(Path(sys.executable).with_name("scada"))
-PG_BIN: Final = Path(os.environ.get("SCADA_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_BIN: Final = _fault_helpers.PG_BIN
 MOSQUITTO: Final = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-_AS_POSTGRES: Final = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 SECRET_KEY: Final = "chaos-signing-key-" + "c" * 32
 PREFIX: Final = "chaos:"
 READINGS_KEY: Final = PREFIX + "readings"
@@ -123,13 +129,6 @@ which protocol; any other missing sample is a loss the system must not have."""
 # Small helpers
 
 
-def free_port() -> int:
-    """Return a local TCP port nobody listens on (right now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def wait_until(
     condition: Callable[[], Awaitable[bool]],
     timeout_s: float,
@@ -138,14 +137,9 @@ async def wait_until(
     interval_s: float = 0.1,
     detail: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``condition`` until it holds; raise AssertionError naming ``what`` after ``timeout_s``."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not await condition():  # noqa: ASYNC110 -- the state lives in other processes
-                await asyncio.sleep(interval_s)
-    except TimeoutError:
-        extra = f"\n{detail()}" if detail is not None else ""
-        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{extra}") from None
+    """:func:`_fault_helpers.wait_until`, polling every 0.1 s by default (the state lives in other
+    processes, which take longer to change than the fault tests' in-process state)."""
+    await _fault_helpers.wait_until(condition, timeout_s, what, interval_s=interval_s, detail=detail)
 
 
 async def _run(*cmd: str, timeout_s: float = 60.0, check: bool = True) -> str:
@@ -165,13 +159,6 @@ async def _run(*cmd: str, timeout_s: float = 60.0, check: bool = True) -> str:
     return text
 
 
-def private_dir(prefix: str) -> Path:
-    """A new directory outside pytest's tmp tree, readable by the PostgreSQL user when we are root."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -186,80 +173,17 @@ def _alive(pid: int) -> bool:
 # Private services
 
 
-class PrivateRedis:
+class PrivateRedis(_fault_helpers.PrivateRedis):
     """A ``redis-server`` with an append-only file: a restart (even after ``kill -9``) keeps the streams.
 
-    With ``appendfsync everysec`` Redis writes each command to the file before it replies, so a
-    killed process loses nothing it acknowledged (only a machine crash could lose the last second).
+    With ``appendfsync everysec`` (the default) Redis writes each command to the file before it
+    replies, so a killed process loses nothing it acknowledged (only a machine crash could lose the
+    last second).
     """
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        """Start the server and wait until it answers PING."""
-        with (self.root / "redis.log").open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.root),
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        client = self.client()
-        try:
-
-            async def answers() -> bool:
-                try:
-                    return bool(await client.ping())
-                except (OSError, aioredis.RedisError):
-                    return False
-
-            await wait_until(answers, 30, "redis-server to answer (it replays its append-only file)")
-        finally:
-            await client.aclose()
-
-    async def kill(self) -> None:
-        """SIGKILL: no goodbye (the append-only file has every acknowledged write)."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-    async def stop(self) -> None:
-        """SIGTERM and wait."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-    def client(self) -> aioredis.Redis:
-        """A client that fails fast and never retries on its own."""
-        return aioredis.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            socket_timeout=3,
-            socket_connect_timeout=1,
-            retry=Retry(NoBackoff(), 0),
-        )
+    READY_TIMEOUT_S = 30.0
+    SOCKET_TIMEOUT_S = 3.0
+    CONNECT_TIMEOUT_S = 1.0
 
 
 class PrivatePostgres:
@@ -278,39 +202,15 @@ class PrivatePostgres:
         """Run initdb (as the PostgreSQL user when we are root)."""
         if _AS_POSTGRES:
             shutil.chown(self.root, "postgres", "postgres")
-        await _run(
-            *_AS_POSTGRES,
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-        )
+        await _run(*initdb_command(self.data))
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start the server and wait until it accepts connections (retrying while a killed one's
         backends still hold its shared memory)."""
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                await _run(
-                    *_AS_POSTGRES,
-                    str(PG_BIN / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-l",
-                    str(self.root / "postgres.log"),
-                    "-w",
-                    "-t",
-                    "30",
-                    "-o",
-                    options,
-                    "start",
-                    timeout_s=40,
-                )
+                await _run(*pg_ctl_start_command(self.data, self.root, self.port), timeout_s=40)
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
@@ -335,7 +235,7 @@ class PrivatePostgres:
 
     async def stop(self, mode: str = "immediate") -> None:
         """Stop the server with pg_ctl (``immediate`` is like a crash)."""
-        await _run(*_AS_POSTGRES, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", mode, "stop")
+        await _run(*pg_ctl_stop_command(self.data, mode))
 
     async def destroy(self) -> None:
         """Stop the server, unmount the small disk, remove the files."""
@@ -926,23 +826,24 @@ class ChaosPlant:
         window.end = time.time()
         return window
 
-    async def kill_redis(self, *, down_s: float) -> FaultWindow:
-        """kill -9 redis-server, wait, start it again on its append-only file."""
-        window = self._begin(FaultKind.KILL_REDIS)
-        await self.redis.kill()
+    async def _kill_service(
+        self, kind: str, service: PrivateRedis | PrivatePostgres, down_s: float
+    ) -> FaultWindow:
+        """kill -9 a private service, wait ``down_s``, start it again; the window spans all three."""
+        window = self._begin(kind)
+        await service.kill()
         await asyncio.sleep(down_s)
-        await self.redis.start()
+        await service.start()
         window.end = time.time()
         return window
 
+    async def kill_redis(self, *, down_s: float) -> FaultWindow:
+        """kill -9 redis-server, wait, start it again on its append-only file."""
+        return await self._kill_service(FaultKind.KILL_REDIS, self.redis, down_s)
+
     async def kill_postgres(self, *, down_s: float) -> FaultWindow:
         """kill -9 the postmaster, wait, start it again (crash recovery)."""
-        window = self._begin(FaultKind.KILL_POSTGRES)
-        await self.pg.kill()
-        await asyncio.sleep(down_s)
-        await self.pg.start()
-        window.end = time.time()
-        return window
+        return await self._kill_service(FaultKind.KILL_POSTGRES, self.pg, down_s)
 
     async def kill_mosquitto(self, *, down_s: float) -> FaultWindow:
         """kill -9 the broker, wait, start it again on the same port."""

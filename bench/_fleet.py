@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -39,6 +40,20 @@ def free_port() -> int:
 def ports_for(meters: int) -> list[int]:
     """Return one free port per gateway needed for ``meters`` meters."""
     return [free_port() for _ in range(-(-meters // UNITS_PER_PORT))]
+
+
+async def count_stream_readings(redis: aioredis.Redis, key: str) -> int:
+    """Readings held in the stream ``key`` now (every entry's rows, read with XRANGE in pages)."""
+    total, start = 0, "-"
+    while True:
+        page: Any = await redis.xrange(key, min=start, count=2000)
+        for _id, fields in page:
+            rows = fields.get(b"r")
+            if rows is not None:
+                total += len(json.loads(rows))
+        if len(page) < 2000:
+            return total
+        start = "(" + page[-1][0].decode()
 
 
 async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 30.0) -> None:

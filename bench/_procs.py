@@ -35,6 +35,7 @@ from _fleet import (
     create_scratch_database,
     drop_scratch,
     free_port,
+    stop_process,
     stop_server,
     wait_healthy,
 )
@@ -344,14 +345,7 @@ class Cluster:
             return
         proc = helper.proc
         try:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop_process(proc, timeout_s)
         finally:
             helper.log_file.close()
 

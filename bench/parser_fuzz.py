@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,39 +108,17 @@ def run_property(
 
 @contextmanager
 def modbus_rigs() -> Iterator[tuple[modbus_fuzz.SimulatorRig, modbus_fuzz.DriverRig]]:
-    """The simulator's Modbus server with a connected driver, and the scripted device; one loop thread."""
-    from protocols.modbus.driver import ModbusDriver, ModbusPointSpec  # noqa: PLC0415
-    from scada.config import parse_site  # noqa: PLC0415
-    from scada.runtime import SystemClock  # noqa: PLC0415
-    from simulators.plant import SimulatedPlant  # noqa: PLC0415
+    """The simulator's Modbus server with a connected driver, and the scripted device; one loop thread.
 
+    The rigs are the ones the fuzz test module's fixtures use, so the bench fuzzes exactly what the
+    tests set up.
+    """
+    simulator_rig, scripted_rig = modbus_fuzz.simulator_rig, modbus_fuzz.scripted_rig
     loop = modbus_fuzz.LoopThread()
-    port = modbus_fuzz.free_port()
-    site = parse_site(modbus_fuzz.SITE.format(port=port))
-    plant = SimulatedPlant.from_document(
-        site.model_dump(mode="json"), start=datetime(2026, 3, 4, 2, tzinfo=UTC)
-    )
-    loop.run(plant.start())
-    device = site.device("meter")
-    assert device.modbus is not None
-    specs = [
-        ModbusPointSpec(point=device.point_id(p.key), config=p.modbus, scale=p.scale, offset=p.offset)
-        for p in device.points
-        if p.modbus is not None
-    ]
-    driver = ModbusDriver("meter", device.modbus, specs, clock=SystemClock())
-    loop.run(driver.connect())
-    scripted = modbus_fuzz.ScriptedDevice()
-    scripted_port = loop.run(scripted.start())
     try:
-        yield (
-            modbus_fuzz.SimulatorRig(port, driver, loop),
-            modbus_fuzz.DriverRig(scripted, scripted_port, loop),
-        )
+        with simulator_rig(loop) as simulator, scripted_rig(loop) as scripted:
+            yield simulator, scripted
     finally:
-        loop.run(driver.close())
-        loop.run(scripted.stop())
-        loop.run(plant.stop())
         loop.close()
 
 

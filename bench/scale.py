@@ -48,7 +48,13 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from _fleet import BENCH_REDIS_URL, HIERARCHY_YAML, UNITS_PER_PORT, meter_devices_yaml
+from _fleet import (
+    BENCH_REDIS_URL,
+    HIERARCHY_YAML,
+    UNITS_PER_PORT,
+    count_stream_readings,
+    meter_devices_yaml,
+)
 from _procs import (
     Cluster,
     CpuMeter,
@@ -138,16 +144,7 @@ class Bench:
 
     async def stream_readings(self) -> int:
         """Readings held in the readings stream now (entries' row counts, read with XRANGE)."""
-        total, start = 0, "-"
-        while True:
-            page: Any = await self.redis.xrange(self.readings_key, min=start, count=2000)
-            for _id, fields in page:
-                rows = fields.get(b"r")
-                if rows is not None:
-                    total += len(json.loads(rows))
-            if len(page) < 2000:
-                return total
-            start = "(" + page[-1][0].decode()
+        return await count_stream_readings(self.redis, self.readings_key)
 
     def cpu_of(
         self, before: dict[str, float], after: dict[str, float], seconds: float, roles: list[RoleProcess]

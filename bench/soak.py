@@ -50,7 +50,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 import yaml
-from _fleet import BENCH_REDIS_URL, free_port
+from _fleet import BENCH_REDIS_URL, count_stream_readings, free_port
 from _procs import (
     SCADA,
     Cluster,
@@ -236,16 +236,7 @@ class Soak:
 
     async def stream_readings(self) -> int:
         """Readings held in the readings stream (every entry's rows, read with XRANGE)."""
-        total, start = 0, "-"
-        while True:
-            page: Any = await self.redis.xrange(self.readings_key, min=start, count=2000)
-            for _id, fields in page:
-                rows = fields.get(b"r")
-                if rows is not None:
-                    total += len(json.loads(rows))
-            if len(page) < 2000:
-                return total
-            start = "(" + page[-1][0].decode()
+        return await count_stream_readings(self.redis, self.readings_key)
 
     async def stored(self) -> dict[str, int]:
         conn = await asyncpg.connect(self.cluster.db_url, timeout=10)

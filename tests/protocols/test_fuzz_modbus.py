@@ -19,6 +19,7 @@ plain functions and the socket tests here stay synchronous.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 import struct
@@ -237,6 +238,13 @@ class SimulatorRig:
 
 @pytest.fixture(scope="module")
 def simulator(loop_thread: LoopThread) -> Iterator[SimulatorRig]:
+    with simulator_rig(loop_thread) as rig:
+        yield rig
+
+
+@contextlib.contextmanager
+def simulator_rig(loop_thread: LoopThread) -> Iterator[SimulatorRig]:
+    """The simulator's Modbus server with a connected driver (also used by bench/parser_fuzz.py)."""
     port = free_port()
     site = parse_site(SITE.format(port=port))
     plant = SimulatedPlant.from_document(
@@ -532,6 +540,13 @@ class DriverRig:
 
 @pytest.fixture(scope="module")
 def scripted(loop_thread: LoopThread) -> Iterator[DriverRig]:
+    with scripted_rig(loop_thread) as rig:
+        yield rig
+
+
+@contextlib.contextmanager
+def scripted_rig(loop_thread: LoopThread) -> Iterator[DriverRig]:
+    """The scripted device that corrupts answers (also used by bench/parser_fuzz.py)."""
     device = ScriptedDevice()
     port = loop_thread.run(device.start())
     try:

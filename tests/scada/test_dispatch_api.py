@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from control_engine.control_config import parse_control
 from control_engine.controller import ControlService
-from control_engine.dispatcher import Dispatcher, DispatchRequest, DispatchState
+from control_engine.dispatcher import Dispatch, Dispatcher, DispatchRequest, DispatchState
 from control_engine.rules import NodeBudget, PointState
 from scada.app import PLANT, Role, create_app
 from scada.config import parse_site
@@ -90,6 +90,19 @@ async def server(
         yield client, plant, running.leader_dispatcher
 
 
+async def _hold(dispatcher: Dispatcher, value: float, reason: str, hold_s: float) -> Dispatch:
+    """Submit a write of pv-1's limit that the dispatcher reverts ``hold_s`` from now."""
+    return await dispatcher.submit(
+        DispatchRequest(
+            node=NodeId("g"),
+            point=LIMIT,
+            value=value,
+            reason=reason,
+            hold_until=dispatcher._clock.now() + timedelta(seconds=hold_s),
+        )
+    )
+
+
 async def test_operator_approves_a_dispatch_over_the_api(server: Any, pg_url: str) -> None:
     client, plant, dispatcher = server
     waiting = await dispatcher.submit(
@@ -151,15 +164,7 @@ async def test_a_hold_is_reverted_to_the_value_before(server: Any) -> None:
         return await dispatcher._latest(LIMIT) is not None
 
     await eventually(latest_known)
-    held = await dispatcher.submit(
-        DispatchRequest(
-            node=NodeId("g"),
-            point=LIMIT,
-            value=50,
-            reason="stage 2: hold for a second",
-            hold_until=dispatcher._clock.now() + timedelta(seconds=1),
-        )
-    )
+    held = await _hold(dispatcher, 50, "stage 2: hold for a second", hold_s=1)
     assert held.state is DispatchState.VERIFIED
     assert held.previous_value == before
     assert plant.device("pv-1").value("power_limit_pct") == 50
@@ -291,15 +296,7 @@ async def test_a_hold_survives_a_server_restart_and_the_new_leader_reverts_it(
         dispatcher = await _leader(first)
         await eventually(lambda: dispatcher._latest(LIMIT))
         before = plant.device("pv-1").value("power_limit_pct")
-        held = await dispatcher.submit(
-            DispatchRequest(
-                node=NodeId("g"),
-                point=LIMIT,
-                value=45,
-                reason="hold across a restart",
-                hold_until=dispatcher._clock.now() + timedelta(seconds=5),
-            )
-        )
+        held = await _hold(dispatcher, 45, "hold across a restart", hold_s=5)
         assert held.state is DispatchState.VERIFIED
         await first.close()  # the server stops during the hold
         assert plant.device("pv-1").value("power_limit_pct") == 45  # nothing reverted it on the way out
@@ -319,15 +316,7 @@ async def test_a_hold_survives_a_server_restart_and_the_new_leader_reverts_it(
 async def test_a_device_lost_mid_hold_ends_revert_failed_after_retries(server: Any) -> None:
     _client, plant, dispatcher = server
     await eventually(lambda: dispatcher._latest(LIMIT))
-    held = await dispatcher.submit(
-        DispatchRequest(
-            node=NodeId("g"),
-            point=LIMIT,
-            value=55,
-            reason="hold, then the inverter drops off the network",
-            hold_until=dispatcher._clock.now() + timedelta(seconds=2),
-        )
-    )
+    held = await _hold(dispatcher, 55, "hold, then the inverter drops off the network", hold_s=2)
     assert held.state is DispatchState.VERIFIED
     await plant.stop()  # the device goes offline while the hold runs
 

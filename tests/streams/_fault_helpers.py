@@ -77,26 +77,55 @@ def private_dir(prefix: str) -> Path:
     return path
 
 
+def initdb_command(data: Path) -> list[str]:
+    """``initdb`` of a trust-auth cluster in ``data`` (as the PostgreSQL user when we are root)."""
+    return [
+        *_AS_POSTGRES,
+        str(PG_BIN / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "--no-sync",
+    ]
+
+
+def pg_ctl_start_command(data: Path, root: Path, port: int) -> list[str]:
+    """``pg_ctl start`` of the cluster in ``data`` on loopback ``port``, its socket and log in ``root``."""
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
+        # fsync off: a stopped server loses nothing (the OS keeps the WAL); only a machine crash
+        # would. synchronous_commit stays on: a commit must be in the WAL before it returns.
+        "-c fsync=off"
+    )
+    return [
+        *_AS_POSTGRES,
+        str(PG_BIN / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(root / "postgres.log"),
+        "-w",
+        "-t",
+        "30",
+        "-o",
+        options,
+        "start",
+    ]
+
+
+def pg_ctl_stop_command(data: Path, mode: str) -> list[str]:
+    """``pg_ctl stop`` of the cluster in ``data`` (``immediate``: like a crash)."""
+    return [*_AS_POSTGRES, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-m", mode, "stop"]
+
+
 def init_postgres_template(parent: Path) -> Path:
     """Run initdb once (synchronously, from a module fixture); tests copy the result."""
     data = parent / "template"
     if _AS_POSTGRES:
         shutil.chown(parent, "postgres", "postgres")
-    subprocess.run(
-        [
-            *_AS_POSTGRES,
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    subprocess.run(initdb_command(data), check=True, capture_output=True, timeout=60)
     return data
 
 
@@ -124,30 +153,11 @@ class PrivatePostgres:
 
     async def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            # fsync off: a stopped server loses nothing (the OS keeps the WAL); only a machine crash
-            # would. synchronous_commit stays on: a commit must be in the WAL before it returns.
-            "-c fsync=off"
-        )
-        await _run(
-            *_AS_POSTGRES,
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.root / "postgres.log"),
-            "-w",
-            "-t",
-            "30",
-            "-o",
-            options,
-            "start",
-        )
+        await _run(*pg_ctl_start_command(self.data, self.root, self.port))
 
     async def stop(self, mode: str = "immediate") -> None:
         """Stop the server (``immediate``: like a crash; WAL recovery at the next start)."""
-        await _run(*_AS_POSTGRES, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", mode, "stop")
+        await _run(*pg_ctl_stop_command(self.data, mode))
 
     async def destroy(self) -> None:
         """Stop the server if it runs and remove its files."""
@@ -169,17 +179,21 @@ class PrivatePostgres:
 class PrivateRedis:
     """A ``redis-server`` of one test, with an append-only file so a restart keeps the streams."""
 
+    READY_TIMEOUT_S: float = 15.0
+    """How long :meth:`start` waits for PING (a restart replays the append-only file first)."""
+    SOCKET_TIMEOUT_S: float = 2.0
+    CONNECT_TIMEOUT_S: float = 0.5
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         """Start the server and wait until it answers PING."""
-        log = (self.root / "redis.log").open("ab")
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
+        with (self.root / "redis.log").open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
                 "redis-server",
                 "--port",
                 str(self.port),
@@ -194,8 +208,6 @@ class PrivateRedis:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
             )
-        finally:
-            log.close()
         client = self.client()
         try:
 
@@ -205,13 +217,20 @@ class PrivateRedis:
                 except (OSError, aioredis.RedisError):
                     return False
 
-            await wait_until(answers, 15, "redis-server to answer")
+            await wait_until(answers, self.READY_TIMEOUT_S, "redis-server to answer")
         finally:
             await client.aclose()
 
+    async def kill(self) -> None:
+        """SIGKILL: no goodbye (the append-only file has every acknowledged write)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
     async def stop(self) -> None:
         """Stop the server (SIGTERM: it syncs its append-only file first)."""
-        proc, self._proc = self._proc, None
+        proc, self.proc = self.proc, None
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(15):
@@ -219,7 +238,7 @@ class PrivateRedis:
 
     async def destroy(self) -> None:
         """Stop the server and remove its files."""
-        proc = self._proc
+        proc = self.proc
         try:
             await self.stop()
         except TimeoutError:
@@ -233,8 +252,8 @@ class PrivateRedis:
         return aioredis.Redis(
             host="127.0.0.1",
             port=self.port,
-            socket_timeout=2,
-            socket_connect_timeout=0.5,
+            socket_timeout=self.SOCKET_TIMEOUT_S,
+            socket_connect_timeout=self.CONNECT_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
         )
 
