@@ -280,7 +280,11 @@ class RedisReadingSink:
 
     async def _flush_once(self) -> None:
         events = [self._events.popleft() for _ in range(min(len(self._events), self._entries_per_flush))]
-        count = min(len(self._rows), self._entry_readings * self._entries_per_flush)
+        # One flush per turn of the event loop: with a backlog (a loop turn that took long, many
+        # sessions overrunning), send half of it at once rather than a fixed batch, so that the
+        # flusher keeps up with what the sessions polled instead of shedding it.
+        cap = self._entry_readings * self._entries_per_flush
+        count = min(len(self._rows), max(cap, len(self._rows) // 2))
         rows = [self._rows.popleft() for _ in range(count)]
         dead = [self._dead.popleft() for _ in range(min(len(self._dead), self._entries_per_flush))]
         self._in_flight = count
