@@ -336,7 +336,11 @@ async def _serve(
                     _simulator_process(site, settings, speed=simulators, mqtt_url=endpoints.mqtt_url)
                 )
             runner = await stack.enter_async_context(_http_server(site, settings, endpoints, roles))
-            tune_gc_for_server()  # every role is up: freeze what start-up built (docs/sessions.md)
+            # Every role is up: freeze what start-up built and collect young cycles on a timer
+            # (docs/sessions.md).
+            young_gc = tune_gc_for_server()
+            if young_gc is not None:
+                stack.callback(young_gc.cancel)
             cockpit: str | None = None
             if simulators is not None and settings.cockpit_port and settings.bootstrap_admin:
                 host, port = _bound_address(runner)

@@ -354,6 +354,9 @@ async def _xinfo(redis: aioredis.Redis, key: str) -> tuple[Mapping[str, Any], li
         stream_info = await redis.xinfo_stream(key)
     except ResponseError as err:
         if "no such key" in str(err).lower():
+            # redis-py's exception holds its own frame: drop the traceback so that cycle (and this
+            # scrape's frames, with the response they hold) is freed now, not by the collector.
+            err.__traceback__ = None
             return None
         raise
     groups = await redis.xinfo_groups(key) if stream_info.get("groups") else []
