@@ -32,6 +32,7 @@ __all__ = [
     "ControlConfig",
     "CurtailParameters",
     "CurtailRule",
+    "HeartbeatConfig",
     "IntensityProfile",
     "NodeControl",
     "NodeMode",
@@ -486,6 +487,17 @@ class PointInterlock(_Frozen):
         return self
 
 
+class HeartbeatConfig(_Frozen):
+    """A watchdog the leader writes an increasing counter to; a device that sees it stop falls back.
+
+    PLC and EMS logic compares the value with the one ``period_s`` ago: when it stops changing (the
+    server, the network or the leader is gone), the device returns to its local control.
+    """
+
+    points: Annotated[tuple[PointRef, ...], Field(min_length=1)]
+    period_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
+
+
 class ControlConfig(_Frozen):
     """The validated ``control:`` section."""
 
@@ -508,6 +520,8 @@ class ControlConfig(_Frozen):
     interlocks: Mapping[PointRef, PointInterlock] = Field(default_factory=dict)
     critical: tuple[Annotated[str, Field(pattern=rf"^{ID_PATTERN}(\.{ID_PATTERN})?$")], ...] = ()
     """Critical loads: device ids or point ids never written by the dispatcher."""
+    heartbeat: HeartbeatConfig | None = None
+    """Watchdog points the control leader beats, so devices can fall back when it is gone."""
 
     @field_validator("timezone")
     @classmethod
@@ -601,12 +615,22 @@ def _problems(config: ControlConfig, known: _Known) -> Iterator[_Problem]:
             yield ("critical", index), f"unknown device {entry!r}"
     for point, interlock in config.interlocks.items():
         yield from _interlock_problems(point, interlock, known.points)
+    if config.heartbeat is not None:
+        yield from _heartbeat_problems(config.heartbeat, known)
     seen: set[str] = set()
     for index, rule in enumerate(config.rules):
         if rule.id in seen:
             yield ("rules", index, "id"), f"duplicate rule id {rule.id!r}"
         seen.add(rule.id)
         yield from _rule_problems(config, ("rules", index), rule, known)
+
+
+def _heartbeat_problems(heartbeat: HeartbeatConfig, known: _Known) -> Iterator[_Problem]:
+    for index, point in enumerate(heartbeat.points):
+        if known.points is not None and point not in known.points:
+            yield ("heartbeat", "points", index), f"unknown point {point!r}"
+        elif known.writable is not None and point not in known.writable:
+            yield ("heartbeat", "points", index), f"point {point!r} is not writable"
 
 
 def _tariff_problems(tariffs: TariffsConfig, known_nodes: Collection[str] | None) -> Iterator[_Problem]:

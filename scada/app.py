@@ -701,7 +701,14 @@ async def _lead(app: web.Application, fence: int) -> None:
     supervisor = TaskSupervisor(f"control-{fence}")
     try:
         dispatcher = app[PLANT].leader_dispatcher = _new_dispatcher(app, fence=fence)
-        supervisor.spawn(dispatcher.run(), name="dispatcher")
+        heartbeat = control.heartbeat if (control := app[CATALOG].site.control) is not None else None
+        supervisor.spawn(
+            dispatcher.run(
+                heartbeat_points=[PointId(p) for p in heartbeat.points] if heartbeat is not None else (),
+                heartbeat_s=heartbeat.period_s if heartbeat is not None else 10.0,
+            ),
+            name="dispatcher",
+        )
         supervisor.spawn(_verifier(app).run(), name="verifier")
         controller = _controller(app, dispatcher, fence=fence)
         if controller is not None:

@@ -588,6 +588,15 @@ def _rule(index: int, **changes: Any) -> dict[str, Any]:
         ),
         ({**RAW, "timezone": "Mars/Olympus"}, "control.timezone: unknown time zone 'Mars/Olympus'"),
         (
+            {**RAW, "heartbeat": {"points": ["a-nowhere.watchdog"]}},
+            "control.heartbeat.points[0]: unknown point 'a-nowhere.watchdog'",
+        ),
+        (
+            {**RAW, "heartbeat": {"points": ["a-chiller-2.supply_temp_degc"]}},
+            "control.heartbeat.points[0]: point 'a-chiller-2.supply_temp_degc' is not writable",
+        ),
+        ({**RAW, "heartbeat": {"points": []}}, "control.heartbeat.points: List should have at least 1 item"),
+        (
             {**RAW, "tariffs": {"periods": [TARIFF_NIGHT, {**TARIFF_DAY, "start_hour": 9}]}},
             "control.tariffs.periods: hours 8-9 have no price: the periods must cover 0-24",
         ),

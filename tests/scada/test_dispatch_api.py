@@ -43,6 +43,7 @@ devices:
     points:
       - {{key: active_power_kw, kind: power, unit: kW, carrier: pv, modbus: {{address: 0, type: float32}}}}
       - {{key: power_limit_pct, kind: setpoint, unit: "%", writable: true, modbus: {{address: 100, type: uint16}}}}
+      - {{key: watchdog, kind: status, unit: "1", writable: true, modbus: {{address: 110, type: uint16}}}}
   - id: pv-gone
     node: g
     kind: pv_inverter
@@ -58,6 +59,7 @@ control:
        parameters: {{value: 50}}}}
   interlocks:
     pv-gone.power_limit_pct: {{min: 0, max: 100}}
+  heartbeat: {{points: [pv-1.watchdog], period_s: 1}}
 """
 LIMIT = PointId("pv-1.power_limit_pct")
 
@@ -343,3 +345,15 @@ async def test_a_read_back_mismatch_is_retried_then_failed_with_what_the_device_
         3,
     )
     assert plant.device("pv-1").value("power_limit_pct") == 100
+
+
+async def test_the_leader_beats_the_watchdog_so_the_device_can_tell_it_is_there(server: Any) -> None:
+    """The heartbeat counter keeps changing at the device while a leader holds the lease."""
+    _client, plant, _dispatcher = server
+    seen: set[float] = set()
+
+    async def changing() -> bool:
+        seen.add(plant.device("pv-1").value("watchdog"))
+        return len(seen) >= 3
+
+    await eventually(changing, timeout_s=15)
