@@ -22,7 +22,6 @@ on every command it sends. A gateway refuses a command whose fence is lower than
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -159,6 +158,7 @@ class LeaderLease:
     async def run(self, work: LeaderWork) -> None:
         """Campaign until cancelled; while leading, run ``work(fence)`` and renew the lease."""
         while True:
+            raise_if_cancelling()  # a library that swallowed a cancel must not keep us campaigning
             fence, sent_at = await self._try_acquire()
             if fence is None:
                 await asyncio.sleep(self._campaign_s)
@@ -191,6 +191,7 @@ class LeaderLease:
         valid_until = sent_at + self._ttl_s - self._margin_s
         try:
             while not task.done():
+                raise_if_cancelling()
                 wait_s = max(0.0, min(self._renew_s, valid_until - time.monotonic()))
                 await asyncio.wait({task}, timeout=wait_s)
                 if task.done():
@@ -213,8 +214,9 @@ class LeaderLease:
                 _LOGGER.error("control leader work crashed; giving up the lease", exc_info=err)
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
+            # Not suppressed: a cancellation of this task while it waits for the work to end must
+            # reach run(), or the process could never stop campaigning.
+            await asyncio.wait({task})
 
     async def _renew(self) -> bool | None:
         """Return True if renewed, False if the lease is someone else's, None if Redis did not answer."""
@@ -232,4 +234,5 @@ class LeaderLease:
             async with asyncio.timeout(self._timeout_s):
                 await self._redis.eval(_RELEASE, 1, self._key, self.instance)
         except _REDIS_ERRORS as err:
+            raise_if_cancelling()  # redis-py may turn a cancellation mid-command into an error
             _LOGGER.info("control lease: not released (it expires by itself): %s", err)

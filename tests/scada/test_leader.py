@@ -95,8 +95,9 @@ class Candidate:
     async def stop(self) -> None:
         """Stop the way a process shutdown does: the task is cancelled, the lease released."""
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        async with asyncio.timeout(5):  # a campaign that swallowed its cancellation fails here
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
 
 @contextlib.asynccontextmanager
@@ -205,3 +206,18 @@ async def test_a_crashing_leader_work_gives_the_lease_up(
 def test_settings_that_could_outlive_the_lease_are_refused() -> None:
     with pytest.raises(ValueError, match="renew_s"):
         LeaderLease(None, prefix="p:", ttl_s=1.0, renew_s=0.9, margin_s=0.3)  # type: ignore[arg-type]
+
+
+async def test_a_stop_while_the_lease_is_being_released_is_not_lost(
+    redis_client: aioredis.Redis, stream_prefix: str
+) -> None:
+    """Stop right after stepping down, while the release is in flight: the campaign must end."""
+    for _ in range(20):  # the release takes one Redis round trip: try to land inside it
+        work = Work()
+        async with candidate(redis_client, stream_prefix, work, "a") as a:
+            await until(lambda: a.lease.status.leader, 3)
+            await redis_client.set(leader_key(stream_prefix), b"someone-else", px=60_000)
+            await until(lambda: not a.lease.status.leader, 2)
+            await a.stop()  # within 5 s, or Candidate.stop fails
+            assert a.task.done()
+        await redis_client.delete(leader_key(stream_prefix))
