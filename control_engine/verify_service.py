@@ -292,10 +292,12 @@ def _iso(at: datetime | None) -> str | None:
 # -- the table -------------------------------------------------------------------------------------
 
 
-_COLUMNS: Final = """dispatch_id, node_id, status, reason, month, event_start, event_end, post_end,
+_SUMMARY_COLUMNS: Final = """dispatch_id, node_id, status, reason, month, event_start, event_end, post_end,
     interval_s, meters, meter_basis, energy_avoided_kwh, uncertainty_kwh, co2e_avoided_kg,
     co2e_uncertainty_kg, confidence, baseline_kwh, actual_kwh, rebound_kwh, rebound_co2e_kg, flags,
-    baseline_method, days_used, factor_ids, detail, verified_at"""
+    baseline_method, days_used, factor_ids, verified_at"""
+"""Every column but ``detail`` (the per-interval report: only one verification's view reads it)."""
+_COLUMNS: Final = f"{_SUMMARY_COLUMNS}, detail"
 _DISPATCH_COLUMNS: Final = "id, node_id, point_id, state, created_at, hold_until, result"
 
 
@@ -354,29 +356,36 @@ class VerificationStore:
         self._pool = pool
         self._timeout_s = timeout_s
 
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        """Run ``query`` on a pooled connection; the timeout bounds both the wait for one and the query."""
+        async with self._pool.acquire(timeout=self._timeout_s) as conn:
+            rows: list[Any] = await conn.fetch(query, *args, timeout=self._timeout_s)
+        return rows
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        """Return the first row of ``query`` (None if none), as :meth:`_fetch` runs it."""
+        async with self._pool.acquire(timeout=self._timeout_s) as conn:
+            return await conn.fetchrow(query, *args, timeout=self._timeout_s)
+
     # -- the API's reads -----------------------------------------------------------------------
 
     async def get(self, dispatch_id: int) -> Verification | None:
         """Return one dispatch's verification with its detail, or None if it has none yet."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM dispatch_verifications WHERE dispatch_id = $1",  # noqa: S608 -- constant
-                dispatch_id,
-                timeout=self._timeout_s,
-            )
+        row = await self._fetchrow(
+            f"SELECT {_COLUMNS} FROM dispatch_verifications WHERE dispatch_id = $1",  # noqa: S608 -- constant
+            dispatch_id,
+        )
         return _verification(row) if row is not None else None
 
     async def of_dispatches(self, dispatch_ids: Sequence[int]) -> dict[int, Verification]:
         """Return the verifications (without detail) of these dispatches, by dispatch id."""
         if not dispatch_ids:
             return {}
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS.replace('detail,', '')}, '{{}}'::jsonb AS detail "  # noqa: S608 -- constant
-                "FROM dispatch_verifications WHERE dispatch_id = ANY($1::bigint[])",
-                list(dispatch_ids),
-                timeout=self._timeout_s,
-            )
+        rows = await self._fetch(
+            f"""SELECT {_SUMMARY_COLUMNS} FROM dispatch_verifications
+                WHERE dispatch_id = ANY($1::bigint[])""",  # noqa: S608 -- constant
+            list(dispatch_ids),
+        )
         return {row["dispatch_id"]: _verification(row, with_detail=False) for row in rows}
 
     async def monthly(
@@ -387,37 +396,27 @@ class VerificationStore:
         ``within`` limits the nodes further (the caller's visible nodes; None: no limit). Returns
         None when ``node`` is not a node of the hierarchy.
         """
-        within_list = list(within) if within is not None else None
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            if node is not None and not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM nodes WHERE id = $1)", node, timeout=self._timeout_s
-            ):
-                return None
-            sums = await conn.fetchrow(
-                _MONTH_ROWS  # noqa: S608 -- constants only
-                + """SELECT count(*)::int AS dispatches,
-                            (count(*) FILTER (WHERE status = 'measured'))::int AS measured,
-                            (count(*) FILTER (WHERE status = 'unmeasurable'))::int AS unmeasurable,
-                            coalesce(sum(energy_avoided_kwh), 0) AS kwh,
-                            sqrt(coalesce(sum(uncertainty_kwh ^ 2), 0)) AS u_kwh,
-                            coalesce(sum(co2e_avoided_kg), 0) AS kg,
-                            sqrt(coalesce(sum(co2e_uncertainty_kg ^ 2), 0)) AS u_kg,
-                            array_agg(DISTINCT confidence) FILTER (WHERE confidence IS NOT NULL) AS conf
-                     FROM month_rows""",
-                month,
-                node,
-                within_list,
-                timeout=self._timeout_s,
-            )
-            flags = await conn.fetch(
-                _MONTH_ROWS  # noqa: S608 -- constants only
-                + """SELECT flag, count(*)::int AS n FROM month_rows, unnest(flags) AS flag
-                     GROUP BY flag ORDER BY flag""",
-                month,
-                node,
-                within_list,
-                timeout=self._timeout_s,
-            )
+        sums = await self._fetchrow(
+            _MONTH_ROWS  # noqa: S608 -- constants only
+            + """SELECT EXISTS (SELECT 1 FROM nodes WHERE id = $2) AS node_known,
+                        count(*)::int AS dispatches,
+                        (count(*) FILTER (WHERE status = 'measured'))::int AS measured,
+                        (count(*) FILTER (WHERE status = 'unmeasurable'))::int AS unmeasurable,
+                        coalesce(sum(energy_avoided_kwh), 0) AS kwh,
+                        sqrt(coalesce(sum(uncertainty_kwh ^ 2), 0)) AS u_kwh,
+                        coalesce(sum(co2e_avoided_kg), 0) AS kg,
+                        sqrt(coalesce(sum(co2e_uncertainty_kg ^ 2), 0)) AS u_kg,
+                        array_agg(DISTINCT confidence) FILTER (WHERE confidence IS NOT NULL) AS conf,
+                        (SELECT coalesce(jsonb_object_agg(flag, n), '{}'::jsonb)
+                         FROM (SELECT flag, count(*)::int AS n FROM month_rows, unnest(flags) AS flag
+                               GROUP BY flag) AS per_flag) AS flag_counts
+                 FROM month_rows""",
+            month,
+            node,
+            list(within) if within is not None else None,
+        )
+        if node is not None and not sums["node_known"]:
+            return None
         confidences = sums["conf"] or []
         return MonthlyVerification(
             month=month,
@@ -429,59 +428,55 @@ class VerificationStore:
             co2e_avoided_t=sums["kg"] / KG_PER_T,
             co2e_uncertainty_t=sums["u_kg"] / KG_PER_T,
             confidence=confidences[0] if len(confidences) == 1 else None,
-            flag_counts={row["flag"]: row["n"] for row in flags},
+            flag_counts=dict(sorted(json.loads(sums["flag_counts"]).items())),
         )
 
     # -- the service's reads and writes --------------------------------------------------------
 
     async def save(self, v: Verification) -> bool:
         """Store a verification; return False if the dispatch already had one (nothing changed)."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            inserted = await conn.fetchval(
-                f"""INSERT INTO dispatch_verifications ({_COLUMNS})
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                            $18, $19, $20, $21, $22, $23, $24, $25::jsonb, $26)
-                    ON CONFLICT (dispatch_id) DO NOTHING RETURNING true""",  # noqa: S608 -- constant
-                v.dispatch_id,
-                v.node,
-                v.status.value,
-                v.reason,
-                v.month,
-                v.event_start,
-                v.event_end,
-                v.post_end,
-                v.interval_s,
-                list(v.meters),
-                v.meter_basis.value,
-                v.energy_avoided_kwh,
-                v.uncertainty_kwh,
-                v.co2e_avoided_kg,
-                v.co2e_uncertainty_kg,
-                v.confidence,
-                v.baseline_kwh,
-                v.actual_kwh,
-                v.rebound_kwh,
-                v.rebound_co2e_kg,
-                list(v.flags),
-                v.baseline_method,
-                v.days_used,
-                list(v.factor_ids),
-                json.dumps(v.detail, allow_nan=False),
-                v.verified_at,
-                timeout=self._timeout_s,
-            )
-        return bool(inserted)
+        inserted = await self._fetchrow(
+            f"""INSERT INTO dispatch_verifications ({_COLUMNS})
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                        $18, $19, $20, $21, $22, $23, $24, $25, $26::jsonb)
+                ON CONFLICT (dispatch_id) DO NOTHING RETURNING true""",  # noqa: S608 -- constant
+            v.dispatch_id,
+            v.node,
+            v.status.value,
+            v.reason,
+            v.month,
+            v.event_start,
+            v.event_end,
+            v.post_end,
+            v.interval_s,
+            list(v.meters),
+            v.meter_basis.value,
+            v.energy_avoided_kwh,
+            v.uncertainty_kwh,
+            v.co2e_avoided_kg,
+            v.co2e_uncertainty_kg,
+            v.confidence,
+            v.baseline_kwh,
+            v.actual_kwh,
+            v.rebound_kwh,
+            v.rebound_co2e_kg,
+            list(v.flags),
+            v.baseline_method,
+            v.days_used,
+            list(v.factor_ids),
+            v.verified_at,
+            json.dumps(v.detail, allow_nan=False),
+        )
+        return inserted is not None
 
     async def unaudited(self, limit: int) -> list[Verification]:
-        """Return stored verifications whose audit entry is not written yet (oldest first)."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            rows = await conn.fetch(
-                f"""SELECT {_COLUMNS} FROM dispatch_verifications WHERE audited_at IS NULL
-                    ORDER BY dispatch_id LIMIT $1""",  # noqa: S608 -- constant
-                limit,
-                timeout=self._timeout_s,
-            )
-        return [_verification(row) for row in rows]
+        """Return stored verifications (without detail) whose audit entry is not written yet, oldest first."""
+        rows = await self._fetch(
+            f"""SELECT {_SUMMARY_COLUMNS} FROM dispatch_verifications WHERE audited_at IS NULL
+                ORDER BY dispatch_id LIMIT $1""",  # noqa: S608 -- constant
+            limit,
+        )
+        return [_verification(row, with_detail=False) for row in rows]
 
     async def mark_audited(self, dispatch_id: int) -> None:
         """Record that a verification's audit entry is written."""
@@ -496,38 +491,34 @@ class VerificationStore:
         self, *, ended_before: datetime, open_before: datetime, skip: Sequence[int], limit: int
     ) -> list[_Dispatch]:
         """Return ended, executed dispatches without a verification, oldest first."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            rows = await conn.fetch(
-                f"""SELECT {_DISPATCH_COLUMNS} FROM dispatches d
-                    WHERE d.state = ANY($1::text[])
-                      AND NOT EXISTS (SELECT 1 FROM dispatch_verifications v WHERE v.dispatch_id = d.id)
-                      AND NOT (d.id = ANY($2::bigint[]))
-                      AND ((d.hold_until IS NOT NULL AND d.hold_until <= $3)
-                           OR (d.hold_until IS NULL AND d.state = 'verified' AND d.created_at <= $4))
-                    ORDER BY d.id LIMIT $5""",  # noqa: S608 -- constant
-                list(ENDED_STATES),
-                list(skip),
-                ended_before,
-                open_before,
-                limit,
-                timeout=self._timeout_s,
-            )
+        rows = await self._fetch(
+            f"""SELECT {_DISPATCH_COLUMNS} FROM dispatches d
+                WHERE d.state = ANY($1::text[])
+                  AND NOT EXISTS (SELECT 1 FROM dispatch_verifications v WHERE v.dispatch_id = d.id)
+                  AND NOT (d.id = ANY($2::bigint[]))
+                  AND ((d.hold_until IS NOT NULL AND d.hold_until <= $3)
+                       OR (d.hold_until IS NULL AND d.state = 'verified' AND d.created_at <= $4))
+                ORDER BY d.id LIMIT $5""",  # noqa: S608 -- constant
+            list(ENDED_STATES),
+            list(skip),
+            ended_before,
+            open_before,
+            limit,
+        )
         return [_Dispatch.from_row(row) for row in rows]
 
     async def executed_between(self, start: datetime, end: datetime, *, but: int) -> list[_Dispatch]:
         """Return executed dispatches other than ``but`` created before ``end`` and not ended by ``start``."""
-        async with self._pool.acquire(timeout=self._timeout_s) as conn:
-            rows = await conn.fetch(
-                f"""SELECT {_DISPATCH_COLUMNS} FROM dispatches
-                    WHERE id <> $1 AND state = ANY($2::text[]) AND created_at < $3
-                      AND (hold_until IS NULL OR hold_until >= $4)
-                    ORDER BY id LIMIT 10000""",  # noqa: S608 -- constant
-                but,
-                list(EXECUTED_STATES),
-                end,
-                start,
-                timeout=self._timeout_s,
-            )
+        rows = await self._fetch(
+            f"""SELECT {_DISPATCH_COLUMNS} FROM dispatches
+                WHERE id <> $1 AND state = ANY($2::text[]) AND created_at < $3
+                  AND (hold_until IS NULL OR hold_until >= $4)
+                ORDER BY id LIMIT 10000""",  # noqa: S608 -- constant
+            but,
+            list(EXECUTED_STATES),
+            end,
+            start,
+        )
         return [_Dispatch.from_row(row) for row in rows]
 
     async def interval_energy(

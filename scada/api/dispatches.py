@@ -51,11 +51,13 @@ def add_dispatch_routes(app: web.Application) -> None:
 
 def dispatch_json(dispatch: Dispatch, verification: Verification | None) -> dict[str, Any]:
     """Return a dispatch as the API shows it, with its measured effect (None: not measured yet)."""
-    measured = verification is not None and verification.status is VerificationStatus.MEASURED
+    if verification is None:
+        return {**dispatch.to_json(), "verification": None, "co2e_avoided_kg": None}
+    measured = verification.status is VerificationStatus.MEASURED
     return {
         **dispatch.to_json(),
-        "verification": verification.to_json() if verification is not None else None,
-        "co2e_avoided_kg": verification.co2e_avoided_kg if measured and verification else None,
+        "verification": verification.to_json(),
+        "co2e_avoided_kg": verification.co2e_avoided_kg if measured else None,
     }
 
 
