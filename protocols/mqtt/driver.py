@@ -39,13 +39,12 @@ import asyncio
 import logging
 import math
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from protocols.common import PointRejected, index_points, lookup_point
+from protocols.common import BatchQueue, LatestReadings, PointRejected, index_points, lookup_point
 from protocols.mqtt.config import MqttDeviceConfig
 from protocols.mqtt.connection import MqttConnection, MqttMessage
 from protocols.mqtt.payload import (
@@ -125,9 +124,11 @@ class MqttDriver:
         dead_letters: DeadLetterSink,
         queue_batches: int = DEFAULT_QUEUE_BATCHES,
     ) -> None:
-        if queue_batches < 1:
-            raise ValueError("queue_batches must be at least 1")
+        self.stats = MqttDriverStats()
         self._device = DeviceId(device)
+        self._batches = BatchQueue(
+            self._device, queue_batches=queue_batches, stats=self.stats, logger=_LOGGER
+        )
         self._config = config
         self._connection = connection
         self._clock = clock
@@ -139,16 +140,12 @@ class MqttDriver:
         self._by_field: dict[str, list[MqttPointSpec]] = {}
         for spec in self._specs.values():
             self._by_field.setdefault(spec.field, []).append(spec)
-        self._latest: dict[PointId, Reading] = {}
-        self._batches: deque[list[Reading]] = deque()
-        self._queue_batches = queue_batches
-        self._waiter: asyncio.Future[None] | None = None
+        self._latest = LatestReadings(missing=_NO_VALUE_YET)
         self._sample_waiters: dict[PointId, list[asyncio.Future[Reading]]] = {}
         self._responses: dict[str, asyncio.Future[CommandResponse]] = {}
         self._readback: dict[PointId, float] = {}
         self._registered = False
         self._lost: str | None = "not connected"
-        self.stats = MqttDriverStats()
 
     @property
     def device(self) -> DeviceId:
@@ -201,25 +198,12 @@ class MqttDriver:
 
     async def receive(self) -> list[Reading]:
         """Return the next batch the device pushed ([] for a heartbeat); raise when the link is lost."""
-        while True:
-            if self._batches:
-                return self._batches.popleft()
-            self._check_link()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+        return await self._batches.get(self._check_link)
 
     async def read(self) -> list[Reading]:
         """Return the latest reading of every point, bad "no value received yet" for the others."""
         self._check_link()
-        now = self._clock.now()
-        return [
-            self._latest.get(point) or Reading(point=point, ts=now, value=None, quality=_NO_VALUE_YET)
-            for point in self._specs
-        ]
+        return self._latest.snapshot(self._specs, self._clock.now())
 
     async def write(
         self, point: PointId, value: float, *, correlation_id: str = "", hold_until: datetime | None = None
@@ -341,28 +325,14 @@ class MqttDriver:
             for spec in self._by_field[item.field]:
                 reading = _scaled(item, spec, quality)
                 batch.append(reading)
-                previous = latest.get(spec.point)
-                if previous is None or previous.ts <= reading.ts:
-                    latest[spec.point] = reading
+                latest.keep(reading)
                 if readback:
                     readback.pop(spec.point, None)  # telemetry is newer than any response value
                 if sample_waiters:
                     for waiter in sample_waiters.pop(spec.point, ()):
                         if not waiter.done():
                             waiter.set_result(reading)
-        self._enqueue(batch)
-
-    def _enqueue(self, batch: list[Reading]) -> None:
-        """Queue a batch for :meth:`receive`; when full, drop the oldest and count it."""
-        if len(self._batches) >= self._queue_batches:
-            self._batches.popleft()
-            self.stats.dropped += 1
-            if self.stats.dropped == 1 or self.stats.dropped % 1000 == 0:
-                _LOGGER.warning(
-                    "%s: session not keeping up; dropped %d batches so far", self._device, self.stats.dropped
-                )
-        self._batches.append(batch)
-        self._wake()
+        self._batches.put(batch)
 
     def _handle_response(self, message: MqttMessage) -> None:
         try:
@@ -382,14 +352,9 @@ class MqttDriver:
         self.stats.rejected += 1
         self._dead_letters.reject(origin=f"mqtt:{message.topic}", payload=message.payload, reason=reason)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _fail_waits(self, reason: str) -> None:
         self._lost = reason
-        self._wake()
+        self._batches.wake()
         error = DeviceUnavailable(f"{self._device}: {reason}")
         for future in self._responses.values():
             if not future.done():

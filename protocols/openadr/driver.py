@@ -47,7 +47,6 @@ import logging
 import math
 import uuid
 import warnings
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -56,7 +55,7 @@ from typing import Any, Final
 from aiohttp import web
 from openleadr import OpenADRServer, objects  # type: ignore[import-untyped]
 
-from protocols.common import PointRejected, index_points, lookup_point
+from protocols.common import BatchQueue, LatestReadings, PointRejected, index_points, lookup_point
 from protocols.openadr.config import OpenAdrDeviceConfig, OpenAdrPointConfig, OpenAdrSignal, OpenAdrStatus
 from protocols.openadr.store import (
     EventRecord,
@@ -160,30 +159,28 @@ class OpenAdrDriver:
         dead_letters: DeadLetterSink,
         queue_batches: int = DEFAULT_QUEUE_BATCHES,
     ) -> None:
-        if queue_batches < 1:
-            raise ValueError("queue_batches must be at least 1")
+        self.stats = OpenAdrDriverStats()
         self._device = DeviceId(device)
+        self._batches = BatchQueue(
+            self._device, queue_batches=queue_batches, stats=self.stats, logger=_LOGGER
+        )
         self._config = config
         self._specs = index_points(device, points)
         self._store = store
         self._clock = clock
         self._dead_letters = dead_letters
-        self._queue_batches = queue_batches
         self._runner: web.AppRunner | None = None
         self._registration: Registration | None = None
         self._events: dict[str, EventRecord] = {}
         self._answers: dict[str, asyncio.Future[OptType]] = {}
-        self._latest: dict[PointId, Reading] = {}
+        self._latest = LatestReadings(missing=_NO_VALUE_YET)
         self._status_published: dict[PointId, float] = {}
-        self._batches: deque[list[Reading]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
         self._distribute = False
         self._last_distribution_s = -math.inf
         self._last_poll_s: float | None = None
         self._lost: str | None = "not connected"
         self.bound_port: int | None = None
         """The TCP port the VTN listens on once connected (``listen_port``, or the one picked for 0)."""
-        self.stats = OpenAdrDriverStats()
 
     @property
     def device(self) -> DeviceId:
@@ -263,26 +260,13 @@ class OpenAdrDriver:
 
     async def receive(self) -> list[Reading]:
         """Return the next batch (reports, status changes; [] for a VEN poll); raise once closed."""
-        while True:
-            if self._batches:
-                return self._batches.popleft()
-            self._check_link()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+        return await self._batches.get(self._check_link)
 
     async def read(self) -> list[Reading]:
         """Return the latest reading of every point; bad "no report received yet" for the others."""
         self._check_link()
         self._publish_statuses()
-        now = self._clock.now()
-        return [
-            self._latest.get(point) or Reading(point=point, ts=now, value=None, quality=_NO_VALUE_YET)
-            for point in self._specs
-        ]
+        return self._latest.snapshot(self._specs, self._clock.now())
 
     async def write(
         self,
@@ -633,11 +617,9 @@ class OpenAdrDriver:
                 value = float(raw) * factor * spec.scale + spec.offset
             reading = Reading(point=spec.point, ts=stamp, value=value, quality=quality)
             batch.append(reading)
-            previous = self._latest.get(spec.point)
-            if previous is None or previous.ts <= reading.ts:
-                self._latest[spec.point] = reading
+            self._latest.keep(reading)
         self.stats.report_values += len(batch)
-        self._enqueue(batch)
+        self._batches.put(batch)
 
     async def _on_poll(self, ven_id: str) -> tuple[str, dict[str, Any]] | None:
         if ven_id != self._config.ven_id:
@@ -645,18 +627,17 @@ class OpenAdrDriver:
         self.stats.polls += 1
         self._vtn_heard()
         self._publish_statuses()
+        self._batches.put([])  # a sign of life for the session
         now = self._clock.now()
         loop_now_s = asyncio.get_running_loop().time()
         unanswered = any(self._deliverable(e, now) and not e.answered for e in self._events.values())
         # Serve events when they changed, and again while the VEN owes an answer (a lost reply).
         resend = unanswered and loop_now_s - self._last_distribution_s >= 2 * self._config.poll_interval_s
         if not (self._distribute or resend):
-            self._enqueue([])
             return None
         events = self._oadr_events(now)
         self._distribute = False
         self._last_distribution_s = loop_now_s
-        self._enqueue([])
         if not events:
             return None
         self.stats.events_sent += len(events)
@@ -747,24 +728,10 @@ class OpenAdrDriver:
                 continue
             self._status_published[spec.point] = value
             reading = Reading(point=spec.point, ts=now, value=value)
-            self._latest[spec.point] = reading
+            self._latest.set(reading)
             batch.append(reading)
         if batch:
-            self._enqueue(batch)
-
-    def _enqueue(self, batch: list[Reading]) -> None:
-        """Queue a batch for :meth:`receive`; when full, drop the oldest and count it."""
-        if len(self._batches) >= self._queue_batches:
-            self._batches.popleft()
-            self.stats.dropped += 1
-            if self.stats.dropped == 1 or self.stats.dropped % 1000 == 0:
-                _LOGGER.warning(
-                    "%s: session not keeping up; dropped %d batches so far", self._device, self.stats.dropped
-                )
-        self._batches.append(batch)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self._batches.put(batch)
 
     def _reject(self, service: str, payload: bytes, reason: str) -> None:
         self.stats.rejected += 1
@@ -773,9 +740,7 @@ class OpenAdrDriver:
 
     def _fail_waits(self, reason: str) -> None:
         self._lost = reason
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._batches.wake()
         error = DeviceUnavailable(f"{self._device}: {reason}")
         for answer in self._answers.values():
             if not answer.done():
