@@ -117,7 +117,8 @@ class Protocol(enum.StrEnum):
         return {"modbus_tcp": "modbus", "opcua": "opcua", "mqtt": "mqtt", "openadr": "openadr"}[self.value]
 
 
-_SECTIONS = ("modbus", "opcua", "mqtt", "openadr")
+_SECTIONS = tuple(protocol.section for protocol in Protocol)
+"""Every protocol's section name: a device or point may carry only its own protocol's."""
 
 
 class _Frozen(BaseModel):
@@ -442,10 +443,16 @@ class DeviceConfig(_Frozen):
 
     @property
     def effective_stale_after_s(self) -> float:
-        """Return the staleness timeout: as configured, else 3 poll periods and at least 10 s."""
+        """Return the staleness timeout: as configured, else 3 poll periods and at least 10 s.
+
+        An OpenADR VEN is heard once per oadrPoll, at its own interval: allow three of those too.
+        """
         if self.stale_after_s is not None:
             return self.stale_after_s
-        return max(10.0, 3.0 * self.poll_period_s)
+        periods_s = [self.poll_period_s] + (
+            [self.openadr.poll_interval_s] if self.openadr is not None else []
+        )
+        return max(10.0, 3.0 * max(periods_s))
 
     def point_id(self, key: str) -> PointId:
         """Return the point id of one of this device's points."""

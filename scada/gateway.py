@@ -246,7 +246,7 @@ class Gateway:
             events=self._sink,
             period_s=device.poll_period_s,
             clock=self._clock,
-            stale_after_s=_stale_after_s(device),
+            stale_after_s=device.effective_stale_after_s,
             stuck_after_s={pid: p.stuck_after_s for pid, p in points.items() if p.stuck_after_s is not None},
             write_tolerance=self._tolerance,
             write_timeout_s=_write_timeout_s(device),
@@ -260,13 +260,6 @@ class Gateway:
         for device in self.devices:
             counts[device.protocol.value] = counts.get(device.protocol.value, 0) + 1
         return counts
-
-
-def _stale_after_s(device: DeviceConfig) -> float:
-    """Return the staleness timeout; an OpenADR VEN is heard once per poll, so allow three polls."""
-    if device.openadr is not None and device.stale_after_s is None:
-        return max(device.effective_stale_after_s, 3.0 * device.openadr.poll_interval_s)
-    return device.effective_stale_after_s
 
 
 def _write_timeout_s(device: DeviceConfig) -> float:
