@@ -59,16 +59,20 @@ import asyncpg
 import redis.asyncio as aioredis
 
 sys.path.extend(str(Path(__file__).resolve().parents[1] / sub) for sub in ("tests", "tests/streams"))
+# The repository first: without it, tests/scada (a folder of tests) would shadow the package scada.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _fault_helpers
 from _fault_helpers import (
     _AS_POSTGRES,
     SCADA,
+    _run,
     free_port,
     initdb_command,
     pg_ctl_start_command,
     pg_ctl_stop_command,
     private_dir,
 )
+from _procs import metric_sum, parse_metrics
 
 _LOGGER = logging.getLogger("chaos")
 
@@ -140,23 +144,6 @@ async def wait_until(
     """:func:`_fault_helpers.wait_until`, polling every 0.1 s by default (the state lives in other
     processes, which take longer to change than the fault tests' in-process state)."""
     await _fault_helpers.wait_until(condition, timeout_s, what, interval_s=interval_s, detail=detail)
-
-
-async def _run(*cmd: str, timeout_s: float = 60.0, check: bool = True) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    text = out.decode(errors="replace")
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text}")
-    return text
 
 
 def _alive(pid: int) -> bool:
@@ -231,7 +218,11 @@ class PrivatePostgres:
         pid = self.postmaster_pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            await wait_until(lambda: _false_async(_alive(pid)), 10, "the postmaster to die")
+
+            async def dead() -> bool:
+                return not _alive(pid)
+
+            await wait_until(dead, 10, "the postmaster to die")
 
     async def stop(self, mode: str = "immediate") -> None:
         """Stop the server with pg_ctl (``immediate`` is like a crash)."""
@@ -318,81 +309,6 @@ class PrivatePostgres:
             await conn.close()
 
 
-async def _false_async(value: bool) -> bool:
-    return not value
-
-
-class PrivateMosquitto:
-    """A ``mosquitto`` broker of its own (MQTT 3.1.1 and 5, anonymous, no persistence)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.config = root / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\n",
-            encoding="utf-8",
-        )
-
-    async def start(self) -> None:
-        """Start the broker and wait until its port accepts connections."""
-        with (self.root / "mosquitto.log").open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                MOSQUITTO, "-c", str(self.config), stdout=log, stderr=asyncio.subprocess.STDOUT
-            )
-
-        async def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}")
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 1)
-            except (OSError, TimeoutError):
-                return False
-            writer.close()
-            return True
-
-        await wait_until(listening, 15, "mosquitto to listen")
-
-    def log_size(self) -> int:
-        """Return the size of the broker's log (a mark for :meth:`wait_for_client`)."""
-        log = self.root / "mosquitto.log"
-        return log.stat().st_size if log.exists() else 0
-
-    async def wait_for_client(self, prefix: str, since: int, timeout_s: float = 60.0) -> None:
-        """Wait until a client whose id starts with ``prefix`` connected after log mark ``since``."""
-        log = self.root / "mosquitto.log"
-
-        async def connected() -> bool:
-            with log.open("rb") as handle:
-                handle.seek(since)
-                return f" as {prefix}".encode() in handle.read()
-
-        await wait_until(connected, timeout_s, f"an MQTT client {prefix}* to connect", interval_s=0.1)
-
-    async def kill(self) -> None:
-        """SIGKILL the broker."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-    async def stop(self) -> None:
-        """SIGTERM and wait."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-
 # --------------------------------------------------------------------------------------------------
 # Processes: simulators and server roles
 
@@ -433,9 +349,7 @@ class ChildProcess:
 
     async def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+        await _fault_helpers.kill_process(self.proc)
         self.stopped = False
 
     def freeze(self) -> None:
@@ -461,8 +375,52 @@ class ChildProcess:
             async with asyncio.timeout(timeout_s):
                 return await proc.wait()
         except TimeoutError:
-            proc.kill()
+            await _fault_helpers.kill_process(proc)
             return await proc.wait()
+
+
+class PrivateMosquitto(ChildProcess):
+    """A ``mosquitto`` broker of its own (MQTT 3.1.1 and 5, anonymous, no persistence)."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        config = root / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 100000\n",
+            encoding="utf-8",
+        )
+        super().__init__("mosquitto", [MOSQUITTO, "-c", str(config)], root / "mosquitto.log")
+
+    async def start(self) -> None:
+        """Start the broker and wait until its port accepts connections."""
+        await self.spawn()
+
+        async def listening() -> bool:
+            self.assert_alive()
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 1)
+            except (OSError, TimeoutError):
+                return False
+            writer.close()
+            return True
+
+        await wait_until(listening, 15, "mosquitto to listen", detail=self.tail)
+
+    def log_size(self) -> int:
+        """Return the size of the broker's log (a mark for :meth:`wait_for_client`)."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    async def wait_for_client(self, prefix: str, since: int, timeout_s: float = 60.0) -> None:
+        """Wait until a client whose id starts with ``prefix`` connected after log mark ``since``."""
+
+        async def connected() -> bool:
+            with self.log.open("rb") as handle:
+                handle.seek(since)
+                return f" as {prefix}".encode() in handle.read()
+
+        await wait_until(connected, timeout_s, f"an MQTT client {prefix}* to connect", interval_s=0.1)
 
 
 class SimProcess(ChildProcess):
@@ -546,16 +504,11 @@ class RoleProcess(ChildProcess):
         assert isinstance(body, dict)
         return body
 
-    async def metrics(self) -> dict[str, float]:
-        """Return the samples of ``/metrics`` as ``name{labels}`` -> value."""
+    async def metric(self, name: str, **labels: str) -> float:
+        """Return the sum of ``/metrics`` samples of ``name`` with ``labels`` (0 when there is none)."""
         status, text = await self._get("/metrics")
         assert status == 200, text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return metric_sum(parse_metrics(text), name, **labels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,8 +697,7 @@ class ChaosPlant:
         for proc in self.roles.get("gateway", []):
             if proc.running and not proc.stopped and proc.proc is not None:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, AssertionError, ValueError):
-                    samples = await proc.metrics()
-                    self.shed_seen[proc.proc.pid] = samples.get("scada_sink_shed_readings_total", 0.0)
+                    self.shed_seen[proc.proc.pid] = await proc.metric("scada_sink_shed_readings_total")
 
     async def wait_devices_online(self, timeout_s: float = 60.0) -> None:
         """Wait until every gateway's sessions are all online (MQTT devices subscribed again)."""
@@ -757,7 +709,7 @@ class ChaosPlant:
                 if not proc.running or proc.stopped:
                     return False
                 try:
-                    count += (await proc.metrics()).get('scada_devices{state="online"}', 0.0)
+                    count += await proc.metric("scada_devices", state="online")
                 except (aiohttp.ClientError, TimeoutError, AssertionError, ValueError):
                     return False
             return count >= total
@@ -781,7 +733,7 @@ class ChaosPlant:
         await asyncio.sleep(down_s)
         mark = self.mqtt.log_size()
         await proc.start()
-        if role == "gateway" and self.spec.mqtt_devices and self.mqtt.proc is not None:
+        if role == "gateway" and self.spec.mqtt_devices and self.mqtt.running:
             await self.mqtt.wait_for_client("carbonos-", mark)
         if role == "gateway":
             await self.wait_devices_online()  # polling and subscribed again: no sample is lost after this

@@ -226,10 +226,10 @@ async def scenario(name: str) -> dict[str, Any]:
                 await conn.execute("ALTER DATABASE postgres RESET default_transaction_read_only")
             finally:
                 await conn.close()
-            before = (await historian.metrics())["scada_historian_written_readings_total"]
+            before = await historian.metric("scada_historian_written_readings_total")
 
             async def resumed() -> bool:
-                return (await historian.metrics())["scada_historian_written_readings_total"] > before
+                return await historian.metric("scada_historian_written_readings_total") > before
 
         elif name == "command-result-redis-down":
             redis = plant.redis.client()

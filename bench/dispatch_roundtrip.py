@@ -46,6 +46,7 @@ from _fleet import (
 from pymodbus.client import AsyncModbusTcpClient
 
 from control_engine.dispatcher import Dispatcher, DispatchRequest, DispatchState
+from scada.api.routes import HUB
 from scada.app import PLANT, Role, create_app
 from scada.config import parse_site
 from scada.model import NodeId, PointId
@@ -86,6 +87,12 @@ async def leader(app: web.Application, timeout_s: float = 30.0) -> Dispatcher:
         while (found := app[PLANT].leader_dispatcher) is None:  # noqa: ASYNC110 (polling another task's state)
             await asyncio.sleep(0.05)
     return found
+
+
+def in_force(app: web.Application, point: PointId) -> bool:
+    """Return True once the live hub holds a good-quality value of ``point`` (its session is online)."""
+    reading = app[HUB].latest(point)
+    return reading is not None and reading.quality.is_good
 
 
 async def dispatch_once(dispatcher: Dispatcher, device: int, value: float) -> float:
@@ -157,7 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             dispatcher = await leader(app)
             for i in range(args.devices):  # every session online and the value in force known
                 async with asyncio.timeout(60):
-                    while await dispatcher._latest(PointId(f"pv-{i}.power_limit_pct")) is None:  # noqa: ASYNC110
+                    while not in_force(app, PointId(f"pv-{i}.power_limit_pct")):  # noqa: ASYNC110
                         await asyncio.sleep(0.1)
             reference = await modbus_reference(ports[0], args.rounds)
             sequential = [

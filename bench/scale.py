@@ -348,8 +348,8 @@ def main() -> None:
         help="SCADA_HISTORIAN_CONSUMERS (default: the server's)",
     )
     args = parser.parse_args()
-    # Every process upserts the whole catalog at start-up (10,000 devices, 50,000 points: 3-4 s on a
-    # loaded 2-core machine) under the per-call service timeout; the default 5 s is too tight here.
+    # Every process upserts the whole catalog at start-up (10,000 devices, 50,000 points); with the
+    # default 5 s per-call service timeout a gateway of the first run failed to start on this machine.
     args.env = {"SCADA_SERVICE_TIMEOUT_S": "30"}
     if args.historian_consumers is not None:
         args.env["SCADA_HISTORIAN_CONSUMERS"] = str(args.historian_consumers)

@@ -60,14 +60,28 @@ async def wait_until(
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{extra}") from None
 
 
-async def _run(*cmd: str, timeout_s: float = 60.0) -> None:
+async def _run(*cmd: str, timeout_s: float = 60.0, check: bool = True) -> str:
+    """Run ``cmd`` and return its output; raise if it fails (``check``) or outlasts ``timeout_s``."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    async with asyncio.timeout(timeout_s):
-        out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{out.decode(errors='replace')}")
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        await kill_process(proc)
+        raise
+    text = out.decode(errors="replace")
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text}")
+    return text
+
+
+async def kill_process(proc: asyncio.subprocess.Process | None) -> None:
+    """SIGKILL ``proc`` if it still runs (no cleanup, no goodbye) and reap it."""
+    if proc is not None and proc.returncode is None:
+        proc.kill()
+        await proc.wait()
 
 
 def private_dir(prefix: str) -> Path:
@@ -224,9 +238,7 @@ class PrivateRedis:
     async def kill(self) -> None:
         """SIGKILL: no goodbye (the append-only file has every acknowledged write)."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_process(proc)
 
     async def stop(self) -> None:
         """Stop the server (SIGTERM: it syncs its append-only file first)."""
@@ -242,9 +254,7 @@ class PrivateRedis:
         try:
             await self.stop()
         except TimeoutError:
-            if proc is not None:
-                proc.kill()
-                await proc.wait()
+            await kill_process(proc)
         await asyncio.to_thread(shutil.rmtree, self.root, True)
 
     def client(self) -> aioredis.Redis:

@@ -154,13 +154,12 @@ async def test_historian_frozen_then_catches_up(running: Running) -> None:
 async def test_read_only_database_then_writable_again(running: Running) -> None:
     plant, redis = running.plant, running.redis
     historian = plant.role("historian")
-    before = (await historian.metrics()).get("scada_historian_batch_failures_total", 0.0)
+    before = await historian.metric("scada_historian_batch_failures_total")
     task = asyncio.create_task(plant.read_only_db(for_s=5.0))
     try:
 
         async def failing() -> bool:
-            samples = await historian.metrics()
-            return samples.get("scada_historian_batch_failures_total", 0.0) > before
+            return await historian.metric("scada_historian_batch_failures_total") > before
 
         await wait_until(failing, 5, "the historian to fail a batch on the read-only database")
         pending, _ = await historian_group(redis)
