@@ -28,7 +28,7 @@ import itertools
 import logging
 import math
 import threading
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -727,8 +727,19 @@ class DataLayer:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._poll_loop(), name="cockpit-rest")
                     group.create_task(self._ws_loop(), name="cockpit-ws")
-                    group.create_task(self._alarm_loop(), name="cockpit-alarms")
-                    group.create_task(self._dispatch_loop(), name="cockpit-dispatches")
+                    # Alarm transitions re-read the alarm list, command results the dispatches.
+                    group.create_task(
+                        self._refresh_when_dirty(
+                            self._alarms_dirty, ALARM_REFRESH_DEBOUNCE_S, self._refresh_alarms
+                        ),
+                        name="cockpit-alarms",
+                    )
+                    group.create_task(
+                        self._refresh_when_dirty(
+                            self._dispatches_dirty, DISPATCH_REFRESH_DEBOUNCE_S, self._refresh_dispatches
+                        ),
+                        name="cockpit-dispatches",
+                    )
             finally:
                 self._session = None
 
@@ -972,13 +983,16 @@ class DataLayer:
         if alarms is not None:
             self._publish(alarms=tuple(_alarm(a) for a in alarms["alarms"]))
 
-    async def _alarm_loop(self) -> None:
-        """Re-read the alarm list soon after the websocket reports a transition (debounced)."""
+    @staticmethod
+    async def _refresh_when_dirty(
+        dirty: asyncio.Event, debounce_s: float, refresh: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Call ``refresh`` soon after ``dirty`` is set, once for a burst of settings (debounced)."""
         while True:
-            await self._alarms_dirty.wait()
-            await asyncio.sleep(ALARM_REFRESH_DEBOUNCE_S)
-            self._alarms_dirty.clear()
-            await self._refresh_alarms()
+            await dirty.wait()
+            await asyncio.sleep(debounce_s)
+            dirty.clear()
+            await refresh()
 
     async def _refresh_dispatches(self) -> None:
         waiting, recent = await asyncio.gather(
@@ -997,14 +1011,6 @@ class DataLayer:
         """Show an action's answer at once (the next list read confirms it)."""
         others = [d for d in self.snapshot.dispatches if d.id != dispatch.id]
         self._publish(dispatches=tuple(dispatch_order([*others, dispatch])))
-
-    async def _dispatch_loop(self) -> None:
-        """Re-read the dispatches soon after the websocket reports a command result (debounced)."""
-        while True:
-            await self._dispatches_dirty.wait()
-            await asyncio.sleep(DISPATCH_REFRESH_DEBOUNCE_S)
-            self._dispatches_dirty.clear()
-            await self._refresh_dispatches()
 
     async def _decide(self, dispatch_id: int, action: str, comment: str) -> DispatchView:
         try:

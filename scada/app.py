@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -80,6 +80,7 @@ from scada.model import (
     ConfigError,
     NodeId,
     PointId,
+    Reading,
     ServiceError,
     StreamName,
 )
@@ -94,7 +95,7 @@ from streams.bus import RedisReadingSink, run_consumer, stream_key
 from streams.codec import decode_reading_rows, encode_json_event
 from streams.commands import run_command_executor, send_and_wait
 from streams.historian import HistorianStage
-from streams.live import LiveHub, follow_availability, follow_json_events, run_live_feed
+from streams.live import LiveHub, follow_events, run_live_feed
 from streams.retention import RetentionClass, RetentionJob
 from streams.store import PostgresReadingStore
 
@@ -594,20 +595,14 @@ async def _start_anomaly(app: web.Application, consumer_name: str) -> None:
     )
     plant.supervisor.spawn(service.run(), name="alarms")
     plant.supervisor.spawn(
-        follow_availability(
-            redis, stream_key(prefix, StreamName.EVENTS), service.availability, timeout_s=timeout_s
-        ),
-        name="alarm-availability",
-    )
-    plant.supervisor.spawn(
-        follow_json_events(
+        follow_events(  # one read of the events stream for both
             redis,
             stream_key(prefix, StreamName.EVENTS),
-            DISPATCH_EVENT,
-            service.dispatch_outcome,
+            availability=service.availability,
+            json_events={DISPATCH_EVENT: service.dispatch_outcome},
             timeout_s=timeout_s,
         ),
-        name="alarm-dispatches",
+        name="alarm-events",
     )
 
 
@@ -642,18 +637,27 @@ def _dispatch_sender(app: web.Application, fence: int | None) -> CommandSender:
     return send
 
 
+def _point_reader(app: web.Application) -> Callable[[PointId], Awaitable[Reading | None]]:
+    """Return a reader of a point's newest reading: the live hub's, else the newest stored one.
+
+    The hub is fed only in a process with the api role; elsewhere every read is a query.
+    """
+    hub, store = app[HUB], app[STORE]
+
+    async def read(point: PointId) -> Reading | None:
+        return hub.latest(point) or await store.latest(point)
+
+    return read
+
+
 def _new_dispatcher(app: web.Application, *, fence: int | None) -> Dispatcher:
     """Return a dispatcher: active (sends) with the leader's fence, passive (records) without."""
-    settings, clock, store, audit = app[SETTINGS], app[_CLOCK], app[STORE], app[AUTH].audit
-    hub = app[HUB]
+    settings, clock, audit = app[SETTINGS], app[_CLOCK], app[AUTH].audit
+    read = _point_reader(app)
 
     async def latest(point: PointId) -> float | None:
-        # The live hub when this process feeds one (api role), else the newest stored reading.
-        reading = hub.latest(point) or await store.latest(point)
+        reading = await read(point)
         return reading.value if reading is not None and reading.quality.is_good else None
-
-    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
-        await audit.append(actor=actor, action=action, target=target, detail=detail)
 
     events_key = stream_key(settings.stream_prefix, StreamName.EVENTS)
     redis = app[_REDIS]
@@ -680,7 +684,7 @@ def _new_dispatcher(app: web.Application, *, fence: int | None) -> Dispatcher:
         latest,
         clock=clock,
         modes=dispatch_modes(control, list(app[CATALOG].parents)) if control is not None else None,
-        audit=note,
+        audit=audit.note,
         send_wait_s=settings.service_timeout_s * 2,
         active=fence is not None,
         outcome=outcome,
@@ -726,9 +730,6 @@ def _verifier(app: web.Application) -> VerificationService:
     results_key = stream_key(settings.stream_prefix, StreamName.COMMAND_RESULTS)
     timeout_s = settings.service_timeout_s
 
-    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
-        await audit.append(actor=actor, action=action, target=target, detail=detail)
-
     async def publish(body: Mapping[str, Any]) -> None:
         # Its own entry type on command_results: decode_result refuses it, so result readers skip it.
         fields: Any = encode_json_event(ENTRY_KIND.encode(), body)
@@ -742,7 +743,7 @@ def _verifier(app: web.Application) -> VerificationService:
         region=site.carbon.grid_region,
         timezone=site.site.timezone,
         clock=clock,
-        audit=note,
+        audit=audit.note,
         publish=publish,
         publish_timeout_s=timeout_s * 2,
     )
@@ -750,12 +751,12 @@ def _verifier(app: web.Application) -> VerificationService:
 
 def _controller(app: web.Application, dispatcher: Dispatcher, *, fence: int) -> ControlService | None:
     """Return the carbon-budget controller of the site's ``control:`` section (None without one)."""
-    clock, plant, store, audit = app[_CLOCK], app[PLANT], app[STORE], app[AUTH].audit
+    clock, plant, audit = app[_CLOCK], app[PLANT], app[AUTH].audit
     site = app[CATALOG].site
     control = site.control
     if control is None:
         return None
-    catalog, factors, hub = app[CATALOG], app[FACTORS], app[HUB]
+    catalog, factors, read = app[CATALOG], app[FACTORS], _point_reader(app)
     carbon_store, carbon_queries = app[CARBON_STORE], app[CARBON_QUERIES]
     zone = ZoneInfo(site.site.timezone)
 
@@ -790,7 +791,7 @@ def _controller(app: web.Application, dispatcher: Dispatcher, *, fence: int) -> 
     async def points(watched: Sequence[PointId]) -> dict[str, PointState]:
         out: dict[str, PointState] = {}
         for point in watched:
-            reading = hub.latest(point) or await store.latest(point)
+            reading = await read(point)
             if reading is None:
                 continue
             entry = catalog.point(point)
@@ -811,9 +812,6 @@ def _controller(app: web.Application, dispatcher: Dispatcher, *, fence: int) -> 
         signals = hourly_signals(control, now, factor)
         return signals.intensity_kg_per_kwh, signals.intensity_hourly_kg_per_kwh
 
-    async def note(actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
-        await audit.append(actor=actor, action=action, target=target, detail=detail)
-
     return ControlService(
         control,
         dispatcher,
@@ -822,7 +820,7 @@ def _controller(app: web.Application, dispatcher: Dispatcher, *, fence: int) -> 
         intensity=intensity,
         watched=_watched_points(control.model_dump(mode="json"), catalog),
         clock=clock,
-        audit=note,
+        audit=audit.note,
         # Stages and sizing survive a restart or a change of leader; a deposed leader cannot save.
         state_store=ControllerStateStore(app[_POOL], timeout_s=app[SETTINGS].service_timeout_s),
         fencing_token=lambda: fence,

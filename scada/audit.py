@@ -144,6 +144,10 @@ class AuditLog:
         [entry] = await self.append_many([record], at=at)
         return entry
 
+    async def note(self, actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        """Append one entry; the positional form the control services take as their auditor."""
+        await self.append(actor=actor, action=action, target=target, detail=detail)
+
     async def append_many(
         self, records: Sequence[AuditRecord], *, at: datetime | None = None
     ) -> list[AuditEntry]:

@@ -79,7 +79,7 @@ __all__ = [
     "Topic",
     "availability_json",
     "follow_availability",
-    "follow_json_events",
+    "follow_events",
     "reading_text",
     "run_live_feed",
 ]
@@ -532,59 +532,38 @@ async def follow_availability(
     Starts at the stream's current end (state carried over a restart lives in the handler's own
     saved state); ``stale`` counts as not online. Other event types on the stream are skipped.
     """
-
-    async def on_entry(fields: Any) -> None:
-        try:
-            event = decode_event(fields)
-        except DecodeError:
-            return  # ledger updates, quota alerts...: not availability
-        await handler(event.device, event.availability is Availability.ONLINE, event.ts, event.reason)
-
-    await _follow(redis, events_key, on_entry, block_ms=block_ms, timeout_s=timeout_s)
+    await follow_events(redis, events_key, availability=handler, block_ms=block_ms, timeout_s=timeout_s)
 
 
-async def follow_json_events(
+JsonEventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+"""``handler(body)`` of a JSON event (see :func:`streams.codec.decode_json_event`)."""
+
+
+async def follow_events(
     redis: aioredis.Redis,
     events_key: str,
-    kind: bytes,
-    handler: Callable[[dict[str, Any]], Awaitable[None]],
     *,
+    availability: AvailabilityHandler | None = None,
+    json_events: Mapping[bytes, JsonEventHandler] | None = None,
     block_ms: int = 1_000,
     timeout_s: float = 5.0,
 ) -> None:
-    """Call ``handler`` with the body of every JSON event of type ``kind`` until cancelled.
+    """Follow the events stream from its current end until cancelled, one read for every handler.
 
-    Like :func:`follow_availability`, it starts at the stream's current end; other types are skipped.
+    Availability changes go to ``availability`` (as in :func:`follow_availability`); a JSON event
+    of a type in ``json_events`` goes to that type's handler with its body. Other entries, and
+    entries that do not decode, are skipped. Redis outages are ridden out with backoff.
     """
-
-    async def on_entry(fields: Any) -> None:
-        try:
-            body = decode_json_event(fields, kind)
-        except DecodeError:
-            return
-        await handler(body)
-
-    await _follow(redis, events_key, on_entry, block_ms=block_ms, timeout_s=timeout_s)
-
-
-async def _follow(
-    redis: aioredis.Redis,
-    key: str,
-    on_entry: Callable[[Any], Awaitable[None]],
-    *,
-    block_ms: int,
-    timeout_s: float,
-) -> None:
-    """Read a stream from its current end, entry by entry, riding out Redis outages with backoff."""
+    by_type = dict(json_events or {})
     last_id: str | None = None
     backoff = Backoff(initial_s=0.2, max_s=10.0)
     while True:
         raise_if_cancelling()
         try:
             if last_id is None:
-                last_id = await _last_id(redis, key, timeout_s)
+                last_id = await _last_id(redis, events_key, timeout_s)
             async with asyncio.timeout(block_ms / 1000 + timeout_s):
-                reply = cast(_XReadReply, await redis.xread({key: last_id}, count=500, block=block_ms))
+                reply = cast(_XReadReply, await redis.xread({events_key: last_id}, count=500, block=block_ms))
         except (RedisError, OSError, TimeoutError) as err:
             _LOGGER.debug("event follower: Redis unavailable: %s", err)
             await asyncio.sleep(backoff.next_delay())
@@ -593,7 +572,26 @@ async def _follow(
         for _key, entries in reply or []:
             for entry_id, fields in entries:
                 last_id = as_text(entry_id)
-                await on_entry(fields)
+                await _follow_entry(fields, availability, by_type.get(fields.get(FIELD_TYPE, b"")))
+
+
+async def _follow_entry(
+    fields: Any, availability: AvailabilityHandler | None, json_handler: JsonEventHandler | None
+) -> None:
+    """Hand one events-stream entry to its handler; an entry nobody follows, or damaged, is skipped."""
+    try:
+        if json_handler is not None:
+            body = decode_json_event(fields, fields[FIELD_TYPE])
+        elif availability is not None:
+            event = decode_event(fields)
+        else:
+            return
+    except DecodeError:
+        return  # ledger updates, quota alerts...: not followed
+    if json_handler is not None:
+        await json_handler(body)
+    elif availability is not None:
+        await availability(event.device, event.availability is Availability.ONLINE, event.ts, event.reason)
 
 
 async def _last_id(redis: aioredis.Redis, key: str, timeout_s: float) -> str:

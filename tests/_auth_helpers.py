@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from scada.config import SiteConfig
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from scada.app import Role as ServerRole
+from scada.app import create_app
+from scada.config import SiteConfig, parse_site
 from scada.security import Grant, Principal, PrincipalKind, Role, TokenSigner
+from scada.services import Endpoints
+from scada.settings import Settings
 
 TEST_SECRET_KEY = "test-signing-key-" + "x" * 32
 """``Settings.secret_key`` of servers built in tests, so a test can mint an admin's access token."""
@@ -30,6 +38,28 @@ def admin_headers(site: SiteConfig, *, tenant: str | None = None) -> dict[str, s
         tenant_nodes=frozenset(roots),
     )
     return {"Authorization": f"Bearer {access_token(principal)}"}
+
+
+async def start_api_server(
+    site_yaml: str,
+    aiohttp_server: Callable[[web.Application], Any],
+    *,
+    pg_url: str,
+    redis_url: str,
+    mqtt_url: str,
+    stream_prefix: str,
+    bootstrap_admin: str = "fuzz:admin:fuzz-password",
+) -> tuple[TestServer, dict[str, str]]:
+    """Start the API role of ``site_yaml`` on a real port; return it and an admin's headers."""
+    site = parse_site(site_yaml)
+    settings = Settings(
+        stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY, bootstrap_admin=bootstrap_admin
+    )
+    endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
+    server: TestServer = await aiohttp_server(
+        create_app(site, settings, endpoints, roles=frozenset({ServerRole.API}))
+    )
+    return server, admin_headers(site)
 
 
 def two_tenant_site(name: str, *, extra_points: Sequence[str] = ()) -> str:

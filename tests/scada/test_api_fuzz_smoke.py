@@ -12,16 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from _api_fuzz import run_schemathesis, with_known_values
-from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _auth_helpers import start_api_server
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from scada import __version__
 from scada.api.openapi import openapi_spec
-from scada.app import Role, create_app
-from scada.config import parse_site
-from scada.services import Endpoints
-from scada.settings import Settings
 
 SITE = """
 site: {id: fuzz, name: Fuzz site}
@@ -47,13 +42,13 @@ async def test_no_server_errors_and_answers_match_the_spec(
     stream_prefix: str,
     aiohttp_server: Callable[[web.Application], Any],
 ) -> None:
-    site = parse_site(SITE)
-    settings = Settings(
-        stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY, bootstrap_admin="fuzz:admin:fuzz-password"
-    )
-    endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
-    server: TestServer = await aiohttp_server(
-        create_app(site, settings, endpoints, roles=frozenset({Role.API}))
+    server, headers = await start_api_server(
+        SITE,
+        aiohttp_server,
+        pg_url=pg_url,
+        redis_url=redis_url,
+        mqtt_url=mqtt_url,
+        stream_prefix=stream_prefix,
     )
     spec = with_known_values(
         openapi_spec(__version__),
@@ -69,7 +64,7 @@ async def test_no_server_errors_and_answers_match_the_spec(
     report = await asyncio.to_thread(
         run_schemathesis,
         str(server.make_url("")).rstrip("/"),
-        admin_headers(site),
+        headers,
         max_examples=4,
         spec=spec,
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests  # noqa: TID251 -- a blocking client in a worker thread, never on the event loop
-from _auth_helpers import TEST_SECRET_KEY, admin_headers
+from _auth_helpers import start_api_server
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -29,11 +29,7 @@ from hypothesis import strategies as st
 
 from control_engine.dispatcher import DispatchMode, DispatchRequest, DispatchState
 from scada.api.dispatches import DISPATCH_STORE
-from scada.app import Role, create_app
-from scada.config import parse_site
 from scada.model import NodeId, PointId
-from scada.services import Endpoints
-from scada.settings import Settings
 
 SITE = """
 site: {id: fuzz, name: Fuzz site}
@@ -309,20 +305,20 @@ async def start_fuzz_server(
     An advisory dispatch cannot be approved or rejected (409) once the body is read: approving one
     that awaits approval would send it and wait for the device, which is not what is fuzzed here.
     """
-    site = parse_site(SITE)
-    fuzz_settings = Settings(
-        stream_prefix=stream_prefix, secret_key=TEST_SECRET_KEY, bootstrap_admin="fuzz:admin:fuzz-password"
-    )
-    endpoints = Endpoints(db_url=pg_url, redis_url=redis_url, mqtt_url=mqtt_url, origins={})
-    server: TestServer = await aiohttp_server(
-        create_app(site, fuzz_settings, endpoints, roles=frozenset({Role.API}))
+    server, headers = await start_api_server(
+        SITE,
+        aiohttp_server,
+        pg_url=pg_url,
+        redis_url=redis_url,
+        mqtt_url=mqtt_url,
+        stream_prefix=stream_prefix,
     )
     dispatch = await server.app[DISPATCH_STORE].create(
         DispatchRequest(node=NodeId("ent"), point=PointId("m1.p_kw"), value=1.0, reason="fuzz"),
         DispatchMode.ADVISORY,
         DispatchState.ADVISORY,
     )
-    return server, admin_headers(site), dispatch.id
+    return server, headers, dispatch.id
 
 
 async def test_json_bodies_get_2xx_or_a_problem_4xx(
